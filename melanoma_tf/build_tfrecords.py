@@ -1,0 +1,199 @@
+"""Builds sharded TFRecords from an ISIC download (any layout `data.isic` knows).
+
+    python -m melanoma_tf.build_tfrecords --data-dir D --output-dir tfrecords/NAME \
+        [--test-fraction 0.2] [--folds 5] [--seed 0] [--image-size-max N] [--num-workers K]
+
+Everything is written into a temporary sibling folder that replaces the output folder only
+when the build is complete, so a killed build never leaves shards that look finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from melanoma_tf import tfrecords
+from melanoma_tf.data import images, isic
+
+SHARD_TARGET_BYTES = 100 * 2**20  # TF's performance guide: shards of 100 MB or more
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Fork where there is fork: workers use only Pillow and NumPy, never the parent's TensorFlow,
+    and a spawned worker would re-import TensorFlow with the main module (seconds per worker)."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _shard_count(paths: list[Path]) -> int:
+    size = sum(p.stat().st_size for p in paths if p.exists())  # a broken link is reported later
+    return max(1, math.ceil(size / SHARD_TARGET_BYTES))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def build(data_dir: Path | str, output_dir: Path | str, *, test_fraction: float = 0.2,
+          folds: int = 5, seed: int = 0, image_size_max: int | None = None,
+          num_workers: int = 1, include_other: bool = False, strict: bool = False,
+          progress: bool = True) -> dict:
+    """Builds the records and returns the manifest (also written as manifest.json)."""
+    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    items, problems = isic.read_dataset(data_dir, include_other=include_other)
+    if strict and problems:
+        raise images.BadInput(problems[0].path, problems[0].reason)
+    if not items:
+        raise ValueError(f"{data_dir}: no usable labelled image found ({len(problems)} problems)")
+
+    is_test, fold = tfrecords.assign_splits(
+        [it.label for it in items], [it.mask_path is not None for it in items],
+        [it.lesion_id or it.image_id for it in items], test_fraction, folds, seed)
+    split_of = ["test" if t else "train" for t in is_test]
+    shard_sets = {}
+    for i, it in enumerate(items):
+        key = split_of[i] + ("" if it.mask_path is not None else "_nomask")
+        shard_sets.setdefault(key, []).append(it.image_path)
+
+    tmp_dir = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    writers = {key: tfrecords.ShardedWriter(tmp_dir, key, _shard_count(paths))
+               for key, paths in shard_sets.items()}
+    records: dict[str, dict] = {}
+    conversions: list[isic.Problem] = []
+    tasks = [(it, image_size_max) for it in items]
+    pool = _worker_context().Pool(num_workers) if num_workers > 1 else None
+    try:
+        results = pool.imap(images.load_item, tasks, chunksize=4) if pool else map(images.load_item, tasks)
+        for i, result in enumerate(tqdm(results, total=len(items), desc="encoding",
+                                         unit="img", disable=not progress)):
+            it = items[i]
+            if isinstance(result, isic.Problem):
+                if strict:
+                    raise images.BadInput(result.path, result.reason)
+                problems.append(result)
+                continue
+            conversions += [isic.Problem(str(it.image_path), n, it.image_id) for n in result.image.notes]
+            example = tfrecords.make_example(
+                image_id=it.image_id, source_id=i + 1, encoded=result.image.encoded,
+                image_format=result.image.format, height=result.image.height,
+                width=result.image.width, label=it.label, source=it.source, fold=int(fold[i]),
+                mask_png=result.mask_png, box=result.box, area=result.area)
+            has_mask = result.mask_png is not None
+            writers[split_of[i] + ("" if has_mask else "_nomask")].write(example.SerializeToString())
+            records[it.image_id] = {
+                "source_id": i + 1, "split": split_of[i], "fold": int(fold[i]), "label": it.label,
+                "has_mask": has_mask, "source": it.source, "lesion_id": it.lesion_id,
+                "height": result.image.height, "width": result.image.width}
+        shards = {key: [p.name for p in w.close()] for key, w in writers.items() if w.count}
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    finally:
+        if pool:
+            pool.terminate()
+
+    manifest = _manifest(data_dir, records, shards, problems, conversions, dict(
+        test_fraction=test_fraction, folds=folds, seed=seed, image_size_max=image_size_max,
+        include_other=include_other))
+    _write_report(tmp_dir / "build_report.csv", problems, conversions)
+    _write_json(tmp_dir / "manifest.json", manifest)
+    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+    if output_dir.exists():
+        os.replace(output_dir, old)
+    os.replace(tmp_dir, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def _manifest(data_dir, records, shards, problems, conversions, options) -> dict:
+    counts = {}
+    for split in tfrecords.SPLITS:
+        rows = [r for r in records.values() if r["split"] == split]
+        counts[split] = {"total": len(rows), "with_mask": sum(r["has_mask"] for r in rows),
+                         **Counter(r["label"] for r in rows)}
+    folds: dict[str, list[str]] = {}
+    for image_id, r in records.items():
+        if r["split"] == "train":
+            folds.setdefault(str(r["fold"]), []).append(image_id)
+    return {
+        "format_version": tfrecords.FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data_dir": str(data_dir.resolve()),
+        "layouts": isic.detect_layouts(data_dir),
+        "options": options,
+        "label_ids": tfrecords.LABEL_IDS,
+        "counts": counts,
+        "splits": {s: [k for k, r in records.items() if r["split"] == s] for s in tfrecords.SPLITS},
+        "folds": dict(sorted(folds.items())),
+        "shards": shards,
+        "problems": len(problems),
+        "conversions": len(conversions),
+        "images": records,
+    }
+
+
+def _write_report(path: Path, problems: list[isic.Problem], conversions: list[isic.Problem]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "path", "action", "reason"])
+        w.writerows([p.image_id, p.path, "skipped", p.reason] for p in problems)
+        w.writerows([p.image_id, p.path, "converted", p.reason] for p in conversions)
+    os.replace(tmp, path)
+
+
+def print_summary(manifest: dict, output_dir: Path) -> None:
+    for split, c in manifest["counts"].items():
+        labels = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("total", "with_mask"))
+        print(f"{split}: {c['total']} images ({labels}), {c['with_mask']} with a mask")
+    if manifest["problems"] or manifest["conversions"]:
+        with open(output_dir / "build_report.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                print(f"  {row['action']}: {row['path']}: {row['reason']}")
+    print(f"{manifest['problems']} skipped, {manifest['conversions']} converted; "
+          f"report in {output_dir / 'build_report.csv'}, manifest in {output_dir / 'manifest.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, type=Path, help="ISIC download folder")
+    parser.add_argument("--output-dir", required=True, type=Path, help="e.g. tfrecords/isic2017")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the train split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size-max", type=int, default=None,
+                        help="downscale images whose longer side exceeds this")
+    parser.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--include-other", action="store_true",
+                        help="keep diagnoses other than melanoma/nevus (label 'other')")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad input")
+    args = parser.parse_args(argv)
+    try:
+        manifest = build(args.data_dir, args.output_dir, test_fraction=args.test_fraction,
+                         folds=args.folds, seed=args.seed, image_size_max=args.image_size_max,
+                         num_workers=args.num_workers, include_other=args.include_other,
+                         strict=args.strict)
+    except (images.BadInput, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(manifest, args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

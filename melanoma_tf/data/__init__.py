@@ -1,0 +1,1 @@
+"""Readers for ISIC downloads, image checks and the synthetic dataset."""

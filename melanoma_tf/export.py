@@ -1,0 +1,42 @@
+"""Exports a trained stage as a TF Serving SavedModel into a versioned folder.
+
+    python -m melanoma_tf.export --stage seg --model-dir runs/seg --export-dir exports/lesion_segmenter/1
+    python -m melanoma_tf.export --stage cls --model-dir runs/cls --export-dir exports/melanoma_classifier/1
+
+The experiment config is read back from the model dir (`params.yaml`), so the exported graph is
+the trained one. Warm-up requests for TF Serving go to `assets.extra/tf_serving_warmup_requests`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("seg", "cls"), required=True)
+    p.add_argument("--model-dir", type=Path, required=True, help="the training run's folder")
+    p.add_argument("--export-dir", type=Path, required=True, help=".../<model name>/<version>")
+    p.add_argument("--checkpoint", default=None, help="default: the latest in --model-dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.export_dir.name.isdigit():
+        print(f"error: {args.export_dir}: TF Serving needs a numeric version folder, "
+              "e.g. exports/lesion_segmenter/1", file=sys.stderr)
+        return 2
+    if args.stage == "seg":
+        from melanoma_tf.serving import export_segmenter as exporter
+    else:
+        from melanoma_tf.serving import export_classifier as exporter
+    exporter.export(model_dir=args.model_dir, export_dir=args.export_dir, checkpoint=args.checkpoint)
+    print(f"exported {args.stage} model to {args.export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The one record format both stages read, and the sharded writer that produces it.
+
+A record is Model Garden's detection `tf.Example` (so `TfExampleDecoder(include_mask=True)` and
+the Mask R-CNN input pipeline read it unchanged) plus a few `image/lesion/*` features for the
+classifier and for splits:
+
+    image/encoded, image/format, image/height, image/width
+    image/source_id           numeric string (Model Garden's COCO evaluation parses it as int64)
+    image/object/bbox/{xmin,xmax,ymin,ymax}   normalised [0, 1], one box, from the mask
+    image/object/class/label  1 (lesion)          image/object/is_crowd  0
+    image/object/area         mask pixel count    image/object/mask      PNG, values 0/1
+    image/lesion/image_id     e.g. "ISIC_0000017"
+    image/lesion/label        0 nevus, 1 melanoma, 2 other    image/lesion/label_text
+    image/lesion/fold         0..K-1 in the train split, -1 in the test split
+    image/lesion/has_mask     1 when a mask is stored          image/lesion/mask_source
+    image/lesion/source       which part of the download it came from
+
+Masks are stored as 0/1, not ISIC's 0/255: Model Garden's decoder uses the PNG values as the
+mask training target. Images without a mask go to `<split>_nomask-*` shards, which only the
+classifier reads (`<split>*.tfrecord`), never to the `<split>-*` shards Mask R-CNN trains on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import tensorflow as tf
+
+FORMAT_VERSION = 1
+LABEL_IDS = {"nevus": 0, "melanoma": 1, "other": 2}
+SPLITS = ("train", "test")
+
+
+def _bytes(values: Iterable[bytes]) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+
+def _ints(values: Iterable[int]) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+
+def _floats(values: Iterable[float]) -> tf.train.Feature:
+    return tf.train.Feature(float_list=tf.train.FloatList(value=list(values)))
+
+
+def make_example(*, image_id: str, source_id: int, encoded: bytes, image_format: str,
+                 height: int, width: int, label: str, source: str, fold: int,
+                 mask_png: bytes | None = None, box: tuple[int, int, int, int] | None = None,
+                 area: int = 0, mask_source: str = "ground_truth") -> tf.train.Example:
+    """Builds one record. `box` is (ymin, xmin, ymax, xmax) in pixels, max exclusive."""
+    f = {
+        "image/encoded": _bytes([encoded]),
+        "image/format": _bytes([image_format.encode()]),
+        "image/height": _ints([height]),
+        "image/width": _ints([width]),
+        "image/source_id": _bytes([str(source_id).encode()]),
+        "image/lesion/image_id": _bytes([image_id.encode()]),
+        "image/lesion/label": _ints([LABEL_IDS[label]]),
+        "image/lesion/label_text": _bytes([label.encode()]),
+        "image/lesion/fold": _ints([fold]),
+        "image/lesion/source": _bytes([source.encode()]),
+        "image/lesion/has_mask": _ints([int(mask_png is not None)]),
+        "image/lesion/mask_source": _bytes([(mask_source if mask_png is not None else "none").encode()]),
+    }
+    if mask_png is not None:
+        ymin, xmin, ymax, xmax = box
+        f.update({
+            "image/object/bbox/ymin": _floats([ymin / height]),
+            "image/object/bbox/xmin": _floats([xmin / width]),
+            "image/object/bbox/ymax": _floats([ymax / height]),
+            "image/object/bbox/xmax": _floats([xmax / width]),
+            "image/object/class/label": _ints([1]),
+            "image/object/is_crowd": _ints([0]),
+            "image/object/area": _floats([float(area)]),
+            "image/object/mask": _bytes([mask_png]),
+        })
+    return tf.train.Example(features=tf.train.Features(feature=f))
+
+
+_LESION_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature((), tf.string),
+    "image/lesion/image_id": tf.io.FixedLenFeature((), tf.string),
+    "image/lesion/label": tf.io.FixedLenFeature((), tf.int64),
+    "image/lesion/fold": tf.io.FixedLenFeature((), tf.int64, -1),
+    "image/lesion/has_mask": tf.io.FixedLenFeature((), tf.int64, 0),
+    "image/lesion/mask_source": tf.io.FixedLenFeature((), tf.string, ""),
+    "image/object/mask": tf.io.VarLenFeature(tf.string),
+}
+
+
+def parse_lesion(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Decodes a record for the classifier: uint8 image [H, W, 3], 0/1 uint8 mask [H, W]
+    (all ones when the record has no mask), label, fold, image id."""
+    p = tf.io.parse_single_example(serialized, _LESION_FEATURES)
+    image = tf.io.decode_image(p["image/encoded"], channels=3, expand_animations=False)
+    masks = tf.sparse.to_dense(p["image/object/mask"], default_value="")
+    mask = tf.cond(
+        tf.size(masks) > 0,
+        lambda: tf.io.decode_png(masks[0], channels=1)[..., 0],
+        lambda: tf.ones(tf.shape(image)[:2], tf.uint8))
+    return {
+        "image": image,
+        "mask": mask,
+        "label": p["image/lesion/label"],
+        "fold": p["image/lesion/fold"],
+        "has_mask": p["image/lesion/has_mask"],
+        "mask_source": p["image/lesion/mask_source"],
+        "image_id": p["image/lesion/image_id"],
+    }
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def split_pattern(output_dir: Path | str, split: str, with_nomask: bool = True) -> str:
+    """Glob of a split's shards: Mask R-CNN reads `train-*`, the classifier `train*`."""
+    return str(Path(output_dir) / (f"{split}*.tfrecord" if with_nomask else f"{split}-*.tfrecord"))
+
+
+class ShardedWriter:
+    """Writes records round-robin into `count` shards, so shards stay equal in size.
+
+    The builder writes into a temporary folder that it renames into place when the build is
+    complete; `close()` deletes the files again when nothing was written.
+    """
+
+    def __init__(self, output_dir: Path, split: str, count: int):
+        self.paths = [output_dir / shard_name(split, i, count) for i in range(count)]
+        self._writers = [tf.io.TFRecordWriter(str(p)) for p in self.paths]
+        self._next = 0
+        self.count = 0
+
+    def write(self, serialized: bytes) -> None:
+        self._writers[self._next].write(serialized)
+        self._next = (self._next + 1) % len(self._writers)
+        self.count += 1
+
+    def close(self) -> list[Path]:
+        for w in self._writers:
+            w.close()
+        if not self.count:
+            for p in self.paths:
+                p.unlink()
+            return []
+        return self.paths
+
+
+def assign_splits(labels: list[str], has_mask: list[bool], groups: list[str],
+                  test_fraction: float, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split and fold assignment.
+
+    Strata are (label, has mask), so both the classifier's classes and the segmentation images
+    are spread evenly; images of one lesion (same group) never straddle train/test or two folds.
+    Returns (is_test bool array, fold array with -1 for test images).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n = len(labels)
+    strata = np.array([f"{lab}/{int(m)}" for lab, m in zip(labels, has_mask)])
+    groups_arr = np.array(groups)
+    is_test = np.zeros(n, bool)
+    if test_fraction > 0:
+        k = max(2, round(1 / test_fraction))
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        _, test_idx = next(splitter.split(np.zeros(n), strata, groups_arr))
+        is_test[test_idx] = True
+    fold = np.full(n, -1)
+    train_idx = np.flatnonzero(~is_test)
+    if folds > 1:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for k, (_, held) in enumerate(splitter.split(train_idx, strata[train_idx], groups_arr[train_idx])):
+            fold[train_idx[held]] = k
+    else:
+        fold[train_idx] = 0
+    return is_test, fold

@@ -1,0 +1,55 @@
+"""Trains one stage of the pipeline.
+
+    python -m melanoma_tf.train --stage seg --data-dir tfrecords/NAME --model-dir runs/seg \
+        [--experiment lesion_maskrcnn_r101_fpn] [--config-file F.yaml] [--params-override K=V,...] \
+        [--mode train|eval|train_and_eval]
+    python -m melanoma_tf.train --stage cls --data-dir tfrecords/NAME --model-dir runs/cls \
+        [--folds 5] [--epochs N] [--config-file F.yaml] [--params-override K=V,...]
+
+Segmentation runs through Model Garden's `train_lib.run_experiment` (Orbit, checkpoints, resume,
+TensorBoard); classification through Keras with k-fold cross-validation. Both read configs the
+Model Garden way: a registered experiment, then YAML files, then `--params-override`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("seg", "cls"), required=True)
+    p.add_argument("--data-dir", type=Path, required=True, help="folder made by build_tfrecords")
+    p.add_argument("--model-dir", type=Path, required=True, help="checkpoints, summaries, results")
+    p.add_argument("--experiment", default=None, help="registered experiment (default per stage)")
+    p.add_argument("--config-file", action="append", default=[], help="YAML override, repeatable")
+    p.add_argument("--params-override", default="", help="e.g. task.model.input_size=[256,256,3]")
+    p.add_argument("--mode", default="train_and_eval", choices=("train", "eval", "train_and_eval"),
+                   help="seg only")
+    p.add_argument("--folds", type=int, default=None, help="cls only: cross-validation folds (0: none)")
+    p.add_argument("--epochs", type=int, default=None, help="cls only: epochs per model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.stage == "seg":
+        from melanoma_tf.tasks import lesion_segmentation
+
+        lesion_segmentation.train(
+            data_dir=args.data_dir, model_dir=args.model_dir, experiment=args.experiment,
+            config_files=args.config_file, params_override=args.params_override, mode=args.mode)
+    else:
+        from melanoma_tf.tasks import melanoma_classification
+
+        melanoma_classification.train(
+            data_dir=args.data_dir, model_dir=args.model_dir, experiment=args.experiment,
+            config_files=args.config_file, params_override=args.params_override,
+            folds=args.folds, epochs=args.epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

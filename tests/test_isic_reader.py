@@ -1,0 +1,226 @@
+"""The reader finds every layout it claims to know and reports every kind of bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from melanoma_tf.build_tfrecords import build
+from melanoma_tf.data import images, isic
+
+
+def _lesion(h: int = 40, w: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(h * w)
+    rgb = rng.integers(120, 220, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+    rgb[mask > 0] //= 3
+    return rgb, mask
+
+
+def _save(path: Path, arr: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+def _write_csv(path: Path, header: list[str] | None, rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+
+
+def _pair(img_dir: Path, mask_dir: Path | None, image_id: str, suffix="_segmentation") -> None:
+    rgb, mask = _lesion()
+    _save(img_dir / f"{image_id}.jpg", rgb, quality=92)
+    if mask_dir is not None:
+        _save(mask_dir / f"{image_id}{suffix}.png", mask)
+
+
+def test_isic2016_layout(tmp_path):
+    _pair(tmp_path / "ISBI2016_ISIC_Part1_Training_Data", tmp_path / "ISBI2016_ISIC_Part1_Training_GroundTruth",
+          "ISIC_0000001", "_Segmentation")
+    _pair(tmp_path / "ISBI2016_ISIC_Part1_Training_Data", None, "ISIC_0000002")
+    _write_csv(tmp_path / "ISBI2016_ISIC_Part3_Training_GroundTruth.csv", None,
+               [["ISIC_0000001", "malignant"], ["ISIC_0000002", "benign"]])
+    items, problems = isic.read_dataset(tmp_path)
+    assert isic.detect_layouts(tmp_path) == ["isic2016/Training"]
+    assert [(i.image_id, i.label, i.mask_path is not None) for i in items] == [
+        ("ISIC_0000001", "melanoma", True), ("ISIC_0000002", "nevus", False)]
+    assert problems == []
+
+
+def test_isic2017_layout_skips_superpixels_and_excludes_keratosis(tmp_path):
+    for split in ("Training", "Validation", "Test_v2"):
+        data = tmp_path / f"ISIC-2017_{split}_Data"
+        _pair(data, tmp_path / f"ISIC-2017_{split}_Part1_GroundTruth", f"ISIC_{split}")
+        _save(data / f"ISIC_{split}_superpixels.png", _lesion()[0])
+        _pair(data, None, f"ISIC_{split}_sk")
+        _write_csv(tmp_path / f"ISIC-2017_{split}_Part3_GroundTruth.csv",
+                   ["image_id", "melanoma", "seborrheic_keratosis"],
+                   [[f"ISIC_{split}", "1.0", "0.0"], [f"ISIC_{split}_sk", "0.0", "1.0"]])
+    items, problems = isic.read_dataset(tmp_path)
+    assert sorted(i.source for i in items) == ["isic2017/Test_v2", "isic2017/Training", "isic2017/Validation"]
+    assert all(i.label == "melanoma" and i.mask_path for i in items) and problems == []
+    with_other, _ = isic.read_dataset(tmp_path, include_other=True)
+    assert sorted(i.label for i in with_other) == ["melanoma"] * 3 + ["other"] * 3
+
+
+def test_isic2018_and_ham10000_layouts_share_labels_and_lesion_ids(tmp_path):
+    _pair(tmp_path / "ISIC2018_Task1-2_Training_Input", tmp_path / "ISIC2018_Task1_Training_GroundTruth", "ISIC_1")
+    _pair(tmp_path / "ISIC2018_Task3_Training_Input", None, "ISIC_2")
+    _write_csv(tmp_path / "ISIC2018_Task3_Training_GroundTruth.csv", ["image", "MEL", "NV", "BKL"],
+               [["ISIC_1", "0.0", "1.0", "0.0"], ["ISIC_2", "1.0", "0.0", "0.0"]])
+    _pair(tmp_path / "HAM10000_images_part_1", tmp_path / "HAM10000_segmentations_lesion_tschandl", "ISIC_3")
+    _pair(tmp_path / "HAM10000_images_part_2", None, "ISIC_4")
+    _write_csv(tmp_path / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx"],
+               [["HAM_1", "ISIC_3", "mel"], ["HAM_1", "ISIC_4", "mel"]])
+    items, problems = isic.read_dataset(tmp_path)
+    got = {i.image_id: (i.label, i.lesion_id, i.mask_path is not None) for i in items}
+    assert got == {"ISIC_1": ("nevus", None, True), "ISIC_2": ("melanoma", None, False),
+                   "ISIC_3": ("melanoma", "HAM_1", True), "ISIC_4": ("melanoma", "HAM_1", False)}
+    assert problems == []
+
+
+def test_isic_cli_layout(tmp_path):
+    for image_id in ("ISIC_9000001", "ISIC_9000002", "ISIC_9000003"):
+        _pair(tmp_path, None, image_id)
+    _write_csv(tmp_path / "metadata.csv", ["isic_id", "diagnosis_1", "diagnosis_2", "diagnosis_3", "lesion_id"],
+               [["ISIC_9000001", "Malignant", "Malignant melanocytic proliferations (Melanoma)",
+                 "Melanoma Invasive", "IL_1"],
+                ["ISIC_9000002", "Benign", "Benign melanocytic proliferations", "Nevus", "IL_2"],
+                ["ISIC_9000003", "Benign", "Benign epidermal proliferations", "Seborrheic keratosis", ""]])
+    items, _ = isic.read_dataset(tmp_path)
+    assert isic.detect_layouts(tmp_path) == ["isic-cli"]
+    assert [(i.image_id, i.label, i.lesion_id) for i in items] == [
+        ("ISIC_9000001", "melanoma", "IL_1"), ("ISIC_9000002", "nevus", "IL_2")]
+
+
+def test_unknown_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(ValueError, match="no known ISIC layout"):
+        isic.read_dataset(tmp_path)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _jpeg_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(arr)
+    (img.convert(mode) if mode else img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def bad_dataset(tmp_path) -> Path:
+    """A simple-layout folder with one good image and one file for each kind of bad input."""
+    root = tmp_path / "bad"
+    img_dir, mask_dir = root / "images", root / "masks"
+    rgb, mask = _lesion()
+    ids = []
+
+    def add(image_id: str, data: bytes | None = None, suffix=".jpg", mask_arr=mask):
+        ids.append(image_id)
+        img_dir.mkdir(parents=True, exist_ok=True)
+        (img_dir / f"{image_id}{suffix}").write_bytes(data if data is not None else _jpeg_bytes(rgb))
+        if mask_arr is not None:
+            _save(mask_dir / f"{image_id}_segmentation.png", mask_arr)
+
+    add("good")
+    add("corrupt", b"this is not a jpeg at all" * 10)
+    add("truncated", _jpeg_bytes(rgb)[:400])
+    add("empty_file", b"")
+    (img_dir / "unreadable.jpg").symlink_to(tmp_path / "missing-target.jpg")
+    ids.append("unreadable")
+    add("cmyk", _jpeg_bytes(rgb, "CMYK"))
+    add("gray", _jpeg_bytes(rgb, "L"))
+    opaque = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    buf = io.BytesIO(); Image.fromarray(opaque).save(buf, format="PNG")
+    add("rgba_opaque", buf.getvalue(), ".png")
+    see_through = opaque.copy(); see_through[0, 0, 3] = 0
+    buf = io.BytesIO(); Image.fromarray(see_through).save(buf, format="PNG")
+    add("rgba_transparent", buf.getvalue(), ".png")
+    buf = io.BytesIO(); Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(buf, format="PNG")
+    add("gray16", buf.getvalue(), ".png")
+    add("mask_wrong_size", mask_arr=np.pad(mask, 2))
+    add("mask_empty", mask_arr=np.zeros_like(mask))
+    add("mask_values", mask_arr=np.where(mask > 0, 128, 0).astype(np.uint8))
+    add("no_label")
+    add("dup")
+    add("dup", suffix=".png", data=_png(rgb))
+    labels = [[i, 0, 0] for i in dict.fromkeys(ids) if i != "no_label"]
+    _write_csv(root / "labels.csv", ["image_id", "melanoma", "seborrheic_keratosis"], labels)
+    return root
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+EXPECTED_SKIPS = {
+    "corrupt": "not a decodable image",
+    "truncated": "not a decodable image",
+    "empty_file": "empty file",
+    "unreadable": "unreadable file",
+    "rgba_transparent": "transparent pixels",
+    "mask_wrong_size": "mask is 54x44 but its image is 50x40",
+    "mask_empty": "mask is empty",
+    "mask_values": "values other than 0/255 (0, 128)",
+    "no_label": "image without label",
+    "dup": "duplicate image id dup",
+}
+
+
+def test_every_bad_input_is_skipped_and_reported_with_its_file(bad_dataset, tmp_path):
+    out = tmp_path / "records"
+    manifest = build(bad_dataset, out, test_fraction=0, folds=1, progress=False)
+    report = list(csv.DictReader(open(out / "build_report.csv")))
+    skipped = {r["image_id"]: r for r in report if r["action"] == "skipped"}
+    assert set(skipped) == set(EXPECTED_SKIPS)
+    for image_id, reason in EXPECTED_SKIPS.items():
+        assert reason in skipped[image_id]["reason"], skipped[image_id]
+        assert Path(skipped[image_id]["path"]).name.startswith(image_id)
+    converted = {r["image_id"] for r in report if r["action"] == "converted"}
+    assert converted == {"cmyk", "gray", "rgba_opaque", "gray16"}
+    assert set(manifest["images"]) == {"good", "dup", "cmyk", "gray", "rgba_opaque", "gray16"}
+    assert manifest["problems"] == len(EXPECTED_SKIPS)
+
+
+def test_strict_fails_on_first_problem_and_writes_nothing(bad_dataset, tmp_path):
+    out = tmp_path / "records"
+    with pytest.raises(images.BadInput):
+        build(bad_dataset, out, test_fraction=0, folds=1, strict=True, progress=False)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".records")]
+
+
+def test_converted_images_keep_their_pixels(bad_dataset):
+    gray = images.load_image(bad_dataset / "images" / "gray.jpg")
+    source = np.asarray(Image.open(bad_dataset / "images" / "gray.jpg"))
+    decoded = np.asarray(Image.open(io.BytesIO(gray.encoded)))
+    assert gray.format == "png" and decoded.shape == source.shape + (3,)
+    assert all(np.array_equal(decoded[..., c], source) for c in range(3))
+    g16 = np.asarray(Image.open(io.BytesIO(images.load_image(bad_dataset / "images" / "gray16.png").encoded)))
+    assert np.array_equal(g16[..., 0], _lesion()[0][..., 0])  # 16-bit values v*257 >> 8 == v
+
+
+def test_cli_reports_problems_and_exit_status(bad_dataset, tmp_path, capsys):
+    from melanoma_tf.build_tfrecords import main
+
+    assert main(["--data-dir", str(bad_dataset), "--output-dir", str(tmp_path / "o"),
+                 "--test-fraction", "0", "--folds", "1", "--num-workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped:" in out and "mask_empty_segmentation.png: mask is empty" in out
+    assert main(["--data-dir", str(bad_dataset), "--output-dir", str(tmp_path / "s"), "--strict",
+                 "--num-workers", "1"]) == 2
+    assert "error:" in capsys.readouterr().err
