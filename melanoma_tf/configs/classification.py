@@ -1,0 +1,192 @@
+"""Stage-2 classifier experiments as Model Garden config dataclasses, registered by name.
+
+A run is fully described by a `ClassificationExperiment`: the registered profile, then YAML
+files, then `--params-override`, exactly as Model Garden's `train_utils.ExperimentParser` does.
+The classifier trains with Keras `fit`, not Orbit, so the experiment has data/model/optimizer/
+training/evaluation sections instead of Model Garden's task/trainer/runtime.
+
+Profiles:
+  melanoma_alexnet_paper   the paper's network and training (the default)
+  melanoma_alexnet_tuned   the same network, trained so that it learns from a few hundred images
+  melanoma_alexnet_modern  batch norm, global average pooling and a small head (not the paper's)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from official.core import exp_factory
+from official.modeling import hyperparams
+
+DEFAULT_EXPERIMENT = "melanoma_alexnet_paper"
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+
+
+@dataclasses.dataclass
+class DataConfig(hyperparams.Config):
+    """Which records become training images, and how they are fed.
+
+    mask_sources: records whose `mask_source` is listed are used ('ground_truth' now, add
+    'predicted' once stage 1 fills in masks); include_unmasked also uses records without any mask
+    (the lesion view is then the whole frame). imbalance: 'class_weight' (loss weights
+    inversely proportional to class frequency), 'balanced_sampling' (each batch draws both
+    classes equally often) or 'none'.
+    """
+    input_size: int = 227
+    view: str = "lesion"
+    margin: float = 0.1
+    mask_sources: List[str] = dataclasses.field(default_factory=lambda: ["ground_truth"])
+    include_unmasked: bool = False
+    batch_size: int = 32
+    imbalance: str = "class_weight"
+
+
+@dataclasses.dataclass
+class AugmentationConfig(hyperparams.Config):
+    flip: bool = True
+    rot90: bool = True
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+
+@dataclasses.dataclass
+class ModelConfig(hyperparams.Config):
+    """`modeling.alexnet.alexnet` arguments; the defaults are the paper's network."""
+    num_classes: int = 2
+    dense_units: List[int] = dataclasses.field(default_factory=lambda: [1000, 1000, 500])
+    dropout: float = 0.6
+    batch_norm: bool = False
+    global_pool: bool = False
+    kernel_initializer: str = "glorot_uniform"
+    normalization: str = "mean_std"
+    augmentation: AugmentationConfig = dataclasses.field(default_factory=AugmentationConfig)
+
+
+@dataclasses.dataclass
+class OptimizerConfig(hyperparams.Config):
+    """type 'sgd' (momentum) or 'adamw'; schedule 'constant' or 'cosine' (to 0 at the last
+    epoch), either after a linear warmup of warmup_epochs."""
+    type: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0005
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    clipnorm: Optional[float] = None
+
+
+@dataclasses.dataclass
+class TrainingConfig(hyperparams.Config):
+    """folds: cross-validation folds (0: none), taken from the folds stored in the records.
+    early_stopping_patience: epochs without a better validation AUC before a fold stops (its
+    best epoch's weights are kept); 0 trains every epoch. final_epochs: epochs of the final model
+    on the whole train split; 0 takes the median best epoch of the folds (or `epochs`)."""
+    epochs: int = 40
+    folds: int = 5
+    early_stopping_patience: int = 10
+    final_model: bool = True
+    final_epochs: int = 0
+    seed: int = 0
+    verbose: int = 1
+
+
+@dataclasses.dataclass
+class EvaluationConfig(hyperparams.Config):
+    """threshold: melanoma probability at which an image is called melanoma. tta: average the
+    predictions over the 8 flips/rotations of each image (evaluation only, not in the export)."""
+    threshold: float = 0.5
+    bootstrap_samples: int = 1000
+    tta: bool = False
+
+
+@dataclasses.dataclass
+class ClassificationExperiment(hyperparams.Config):
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+
+    def validate(self) -> None:
+        """Rejects unknown option strings before a long run starts, not in its middle."""
+        super().validate()
+        choices = {
+            "data.view": (self.data.view, ("lesion", "whole", "skin")),
+            "data.imbalance": (self.data.imbalance, ("class_weight", "balanced_sampling", "none")),
+            "model.normalization": (self.model.normalization, ("mean_std", "scale")),
+            "optimizer.type": (self.optimizer.type, ("sgd", "adamw")),
+            "optimizer.schedule": (self.optimizer.schedule, ("constant", "cosine")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r}: expected one of {allowed}")
+        if self.model.num_classes != 2:
+            raise ValueError("model.num_classes must be 2 (nevus, melanoma)")
+
+
+@exp_factory.register_config_factory("melanoma_alexnet_paper")
+def melanoma_alexnet_paper() -> ClassificationExperiment:
+    """The paper: AlexNet, dense 1000-1000-500-2, dropout 0.6, SGD momentum 0.9 at lr 0.01,
+    class weights, flips and 90-degree rotations, Keras's default (Glorot) initialisation."""
+    return ClassificationExperiment()
+
+
+@exp_factory.register_config_factory("melanoma_alexnet_tuned")
+def melanoma_alexnet_tuned() -> ClassificationExperiment:
+    """The paper's network, trained so that it learns on CPU from a few hundred images: He
+    initialisation for the ReLUs, warmup then cosine decay (see the variant study in the
+    benchmark results for what each change did)."""
+    exp = ClassificationExperiment()
+    exp.override({
+        "model": {"kernel_initializer": "he_normal"},
+        "optimizer": {"learning_rate": 0.01, "schedule": "cosine", "warmup_epochs": 3},
+        "training": {"epochs": 40, "early_stopping_patience": 0},
+    })
+    return exp
+
+
+@exp_factory.register_config_factory("melanoma_alexnet_modern")
+def melanoma_alexnet_modern() -> ClassificationExperiment:
+    """Not the paper's network: batch norm after every conv, global average pooling and one
+    small dense layer (3.8 M instead of 14.5 M weights)."""
+    exp = melanoma_alexnet_tuned()
+    exp.override({
+        "model": {"batch_norm": True, "global_pool": True, "dense_units": [256], "dropout": 0.3},
+    })
+    return exp
+
+
+def _resolve(config_file: str) -> str:
+    """A path, or the name of a YAML file in melanoma_tf/configs/experiments/."""
+    path = Path(config_file)
+    if not path.exists() and (EXPERIMENTS_DIR / path.name).exists():
+        return str(EXPERIMENTS_DIR / path.name)
+    return config_file
+
+
+def build_config(experiment: str | None = None, config_files: Sequence[str] = (),
+                 params_override: str | dict = "", lock: bool = True) -> ClassificationExperiment:
+    """Registered profile, then YAML files in order, then the override string or dict."""
+    params = exp_factory.get_exp_config(experiment or DEFAULT_EXPERIMENT)
+    for config_file in config_files or ():
+        params = hyperparams.override_params_dict(params, _resolve(str(config_file)), is_strict=True)
+    params = hyperparams.override_params_dict(params, params_override, is_strict=True)
+    params.validate()
+    if lock:
+        params.lock()
+    return params
+
+
+def load_config(yaml_path: str | Path) -> ClassificationExperiment:
+    """A run's resolved config (its params.yaml), e.g. for the exporter."""
+    params = hyperparams.override_params_dict(ClassificationExperiment(), str(yaml_path), is_strict=True)
+    params.validate()
+    params.lock()
+    return params
+
+
+def save_config(params: ClassificationExperiment, yaml_path: str | Path) -> None:
+    hyperparams.save_params_dict_to_yaml(params, str(yaml_path))

@@ -1,0 +1,1 @@
+"""Input pipelines that Model Garden does not have."""
