@@ -101,7 +101,7 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
         logs.update({f"lesion_{k}": v for k, v in seg_metrics.summarize(self._lesion_per_image).items()})
         if self._logging_dir:  # the latest evaluation, for people and scripts to read
             scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
-            scalars["step"] = int(global_step) if global_step is not None else -1
+            scalars["step"] = int(tf.convert_to_tensor(global_step)) if global_step is not None else -1
             _write_json(Path(self._logging_dir) / EVAL_METRICS_FILE, scalars)
         return logs
 
@@ -121,8 +121,9 @@ def _local_numpy(value: Any) -> np.ndarray:
 
 def build_experiment(experiment: str | None, data_dir: Path | str | None,
                      config_files: list[str] | tuple[str, ...] = (),
-                     params_override: str = "") -> cfg.ExperimentConfig:
-    """The registered experiment, pointed at `data_dir`'s records, then YAML files, then overrides."""
+                     params_override: str = "", train_steps: int | None = None) -> cfg.ExperimentConfig:
+    """The registered experiment, pointed at `data_dir`'s records, then YAML files, then overrides;
+    with `train_steps`, a schedule that ends there (`configs.segmentation.with_train_steps`)."""
     params = exp_factory.get_exp_config(experiment or seg_cfg.PAPER_EXPERIMENT)
     if data_dir is not None:
         manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
@@ -133,6 +134,8 @@ def build_experiment(experiment: str | None, data_dir: Path | str | None,
         params = hyperparams.override_params_dict(params, str(path), is_strict=True)
     if params_override:
         params = hyperparams.override_params_dict(params, params_override, is_strict=True)
+    if train_steps is not None:
+        params = seg_cfg.with_train_steps(params, train_steps)
     params.validate()
     params.lock()
     return params

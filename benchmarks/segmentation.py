@@ -1,0 +1,147 @@
+"""Lesion segmentation under a CPU budget, on the real ISIC sample, next to an Otsu baseline.
+
+    python benchmarks/segmentation.py --profile cpu --budget-minutes 60
+    python benchmarks/segmentation.py --plot     # Jaccard against budget, all results so far
+
+The budget is in minutes of this 2-core machine, metered as the training process's CPU time
+divided by the number of cores, so other jobs on the machine do not shrink it. A short probe
+measures CPU seconds per step; the run then gets the number of steps that fits the budget and
+a learning-rate schedule that ends exactly there. Evaluation (Model Garden's eval with our
+full-resolution lesion metrics) runs on the test split after training, outside the budget.
+Results go to benchmarks/results/segmentation-<profile>-<N>min.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from official.core import task_factory
+
+from melanoma_tf import build_tfrecords, tfrecords
+from melanoma_tf.configs import segmentation as seg_cfg
+from melanoma_tf.evaluation import baselines
+from melanoma_tf.evaluation import segmentation as seg_metrics
+from melanoma_tf.tasks import lesion_segmentation
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROFILES = {"cpu": seg_cfg.CPU_EXPERIMENT, "paper": seg_cfg.PAPER_EXPERIMENT}
+SAMPLE = HERE.parent.parent / "shared/data/isic-sample"
+CORES = os.cpu_count() or 1
+
+
+def ensure_records(data_dir: Path, records: Path) -> Path:
+    if not (records / "manifest.json").is_file():
+        build_tfrecords.build(data_dir, records, num_workers=CORES)
+    return records
+
+
+def cpu_seconds_per_step(params, probe_steps: int = 6) -> float:
+    """Process CPU seconds of one training step, after the first (tracing) steps."""
+    task = task_factory.get_task(params.task)
+    model = task.build_model()
+    optimizer = task.create_optimizer(params.trainer.optimizer_config, params.runtime)
+    batches = iter(task.build_inputs(params.task.train_data))
+    step = tf.function(lambda inputs: task.train_step(inputs, model, optimizer))
+    for _ in range(2):
+        step(next(batches))
+    start = time.process_time()
+    for _ in range(probe_steps):
+        step(next(batches))
+    return (time.process_time() - start) / probe_steps
+
+
+def otsu_baseline(records: Path) -> dict[str, float]:
+    pattern = tfrecords.split_pattern(records, "test", with_nomask=False)
+    per_image = []
+    for raw in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))):
+        ex = tfrecords.parse_lesion(raw)
+        pred = baselines.otsu_lesion_mask(ex["image"].numpy())
+        per_image.append(seg_metrics.image_metrics(pred, ex["mask"].numpy()))
+    return seg_metrics.summarize(per_image)
+
+
+def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, overrides: str) -> dict:
+    per_step = cpu_seconds_per_step(
+        lesion_segmentation.build_experiment(PROFILES[profile], records, (), overrides))
+    steps = max(10, int(budget_minutes * 60 * CORES / per_step))
+    print(f"{profile}: {per_step:.1f} CPU-s/step -> {steps} steps in {budget_minutes} min x {CORES} cores")
+    params = lesion_segmentation.build_experiment(PROFILES[profile], records, (), overrides, train_steps=steps)
+    wall, cpu = time.time(), time.process_time()
+    lesion_segmentation.run(params, model_dir, mode="train")
+    wall, cpu = time.time() - wall, time.process_time() - cpu
+    lesion_segmentation.run(params, model_dir, mode="eval")
+    metrics = json.loads((model_dir / lesion_segmentation.EVAL_METRICS_FILE).read_text())
+    return {
+        "profile": profile, "experiment": PROFILES[profile], "overrides": overrides,
+        "budget_minutes": budget_minutes, "train_steps": steps, "cpu_seconds_per_step": per_step,
+        "train_wall_minutes": wall / 60, "train_cpu_minutes_per_core": cpu / 60 / CORES,
+        "batch_size": params.task.train_data.global_batch_size,
+        "input_size": params.task.model.input_size,
+        "backbone": f"resnet-{params.task.model.backbone.resnet.model_id}",
+        "model": {k[len("lesion_"):]: v for k, v in metrics.items() if k.startswith("lesion_")},
+        "coco_mask_AP": metrics.get("mask_AP"),
+    }
+
+
+def plot() -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    otsu = None
+    for profile in PROFILES:
+        rows = sorted((json.loads(p.read_text()) for p in RESULTS.glob(f"segmentation-{profile}-*min.json")),
+                      key=lambda r: r["budget_minutes"])
+        if rows:
+            ax.plot([r["budget_minutes"] for r in rows], [r["model"]["jaccard"] for r in rows], "o-",
+                    label=f"{profile} ({rows[0]['backbone']}, {rows[0]['input_size'][0]}px)")
+            otsu = rows[0]["otsu"]["jaccard"]
+    if otsu is not None:
+        ax.axhline(otsu, color="grey", ls="--", label="Otsu threshold")
+    ax.set(xlabel="training budget (minutes of a 2-core CPU)", ylabel="mean Jaccard, test split",
+           title="Lesion segmentation on the ISIC sample", ylim=(0, 1))
+    ax.legend()
+    out = RESULTS / "segmentation_budget.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p.add_argument("--budget-minutes", type=float, default=60)
+    p.add_argument("--data-dir", type=Path, default=SAMPLE)
+    p.add_argument("--records", type=Path, default=HERE / ".cache" / "isic-sample")
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--params-override", default="")
+    p.add_argument("--plot", action="store_true", help="only redraw the chart from saved results")
+    args = p.parse_args()
+    if args.plot:
+        print(plot())
+        return
+    records = ensure_records(args.data_dir, args.records)
+    name = f"segmentation-{args.profile}-{args.budget_minutes:g}min"
+    model_dir = args.model_dir or HERE / ".runs" / name
+    result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override)
+    result["otsu"] = otsu_baseline(records)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    keys = ("jaccard", "threshold_jaccard", "dice", "detection_rate", "segmentation_precision")
+    print(f"{'':10s}" + "".join(f"{k:>20s}" for k in keys))
+    for who in ("model", "otsu"):
+        print(f"{who:10s}" + "".join(f"{result[who][k]:20.3f}" for k in keys))
+    plot()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Client for the two-stage melanoma service over TF Serving's gRPC API.
+
+`MelanomaClient("localhost:8500").predict(image)` chains `lesion_segmenter` ->
+masked image -> `melanoma_classifier`.  It uses only `tensorflow_serving.apis`
+messages, so it runs unchanged against a real TF Serving or the embedded server.
+
+Decisions:
+
+* Paths and encoded bytes go to the segmenter's `serving_default` (`image_bytes`).
+  numpy arrays go to `serving_image_tensor` (`images`, uint8 [1,H,W,3]): exact pixels,
+  no encode/decode round trip.  Grayscale (HxW, HxWx1) arrays are repeated to 3
+  channels and RGBA drops alpha, as decoding with channels=3 does for files.
+* The segmenter's masked image is forwarded to the classifier as the same TensorProto
+  (no decode/re-encode), and the mask is cropped to the returned `image_size`.
+* Segmenter status 1 (no lesion): no classification; the result has status
+  "no_lesion", `melanoma_probability` NaN and `is_melanoma` None.
+* Segmenter status 2 (undecodable/empty image): `predict` raises `ImageDecodeError`;
+  `predict_many` yields a result with status "error" and the message in `error`
+  instead of stopping the stream.  So does any other per-image failure.
+* Only UNAVAILABLE and DEADLINE_EXCEEDED are retried (Predict is idempotent), with
+  exponential backoff and jitter; `retries` bounds the attempts, or `retry_timeout`
+  keeps retrying for that many seconds (e.g. while a server restarts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Union
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE = 0, 1, 2
+BYTES_SIGNATURE = "serving_default"
+ARRAY_SIGNATURE = "serving_image_tensor"
+
+
+class PredictionError(Exception):
+    """One image could not be scored; `code` is the gRPC status when the server refused."""
+
+    def __init__(self, message: str, image_id: str | None = None,
+                 code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.image_id = image_id
+        self.code = code
+
+
+class ImageDecodeError(PredictionError):
+    """The segmenter could not decode the image (status 2)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LesionPrediction:
+    """The result for one image (see the module docstring for the status rules)."""
+
+    image_id: str | None
+    melanoma_probability: float
+    is_melanoma: bool | None
+    lesion_mask: np.ndarray | None
+    lesion_box: tuple[float, float, float, float] | None
+    segmentation_score: float
+    status: str
+    latency_ms: dict[str, float]
+    index: int | None = None
+    error: str | None = None
+    model_versions: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when the image was scored (a lesion found or confidently absent)."""
+        return self.error is None
+
+
+def _model_spec(spec: model_pb2.ModelSpec, name: str, signature: str, version: int | None,
+                label: str | None) -> None:
+    if version is not None and label is not None:
+        raise ValueError(f"{name}: give a version or a label, not both")
+    spec.name = name
+    spec.signature_name = signature
+    if version is not None:
+        spec.version.value = int(version)
+    elif label is not None:
+        spec.version_label = label
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty image array {image.shape}")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    elif image.shape[-1] == 4:
+        image = image[..., :3]
+    return np.ascontiguousarray(image)
+
+
+def default_image_id(image: ImageInput) -> str | None:
+    """A path's file stem (ISIC ids are file stems); None for bytes and arrays."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).stem
+    return None
+
+
+class MelanomaClient:
+    """Chains lesion_segmenter -> melanoma_classifier over one gRPC channel."""
+
+    def __init__(self, target: str = "localhost:8500", segmenter: str = "lesion_segmenter",
+                 classifier: str = "melanoma_classifier", segmenter_version: int | None = None,
+                 segmenter_label: str | None = None, classifier_version: int | None = None,
+                 classifier_label: str | None = None, threshold: float = 0.5,
+                 timeout: float = 30.0, retries: int = 3, *, retry_timeout: float | None = None,
+                 backoff: float = 0.1, max_backoff: float = 2.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.target = target
+        self.threshold = threshold
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_timeout = retry_timeout
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._segmenter = (segmenter, segmenter_version, segmenter_label)
+        self._classifier = (classifier, classifier_version, classifier_label)
+        for name, version, label in (self._segmenter, self._classifier):
+            _model_spec(model_pb2.ModelSpec(), name, BYTES_SIGNATURE, version, label)
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
+        ])
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._closed = threading.Event()
+
+    def predict(self, image: ImageInput, image_id: str | None = None) -> LesionPrediction:
+        """Segment, mask and classify one image (path, encoded bytes or uint8 array)."""
+        started = time.perf_counter()
+        image_id = image_id if image_id is not None else default_image_id(image)
+        request = self._segment_request(image, image_id)
+        t0 = time.perf_counter()
+        segmented = self._call(request, image_id)
+        t1 = time.perf_counter()
+        outputs = segmented.outputs
+        status = int(tf.make_ndarray(outputs["status"])[0])
+        versions = {self._segmenter[0]: segmented.model_spec.version.value}
+        if status == STATUS_BAD_IMAGE:
+            raise ImageDecodeError("the segmenter could not decode the image (status 2)", image_id)
+        height, width = (int(v) for v in tf.make_ndarray(outputs["image_size"])[0])
+        mask = tf.make_ndarray(outputs["lesion_mask"])[0, :height, :width]
+        box = tuple(float(v) for v in tf.make_ndarray(outputs["lesion_box"])[0])
+        score = float(tf.make_ndarray(outputs["lesion_score"])[0])
+        latency = {"segment": (t1 - t0) * 1000.0, "classify": 0.0}
+        probability, decision, label = math.nan, None, "no_lesion"
+        if status == STATUS_OK:
+            classify = predict_pb2.PredictRequest()
+            name, version, version_label = self._classifier
+            _model_spec(classify.model_spec, name, BYTES_SIGNATURE, version, version_label)
+            classify.inputs["masked_image"].CopyFrom(outputs["masked_image"])
+            classify.output_filter.append("melanoma_probability")
+            t2 = time.perf_counter()
+            classified = self._call(classify, image_id)
+            latency["classify"] = (time.perf_counter() - t2) * 1000.0
+            versions[name] = classified.model_spec.version.value
+            probability = float(tf.make_ndarray(classified.outputs["melanoma_probability"])[0])
+            decision = probability >= self.threshold
+            label = "ok"
+        elif status != STATUS_NO_LESION:
+            raise PredictionError(f"unexpected segmenter status {status}", image_id)
+        latency["total"] = (time.perf_counter() - started) * 1000.0
+        return LesionPrediction(
+            image_id=image_id, melanoma_probability=probability, is_melanoma=decision,
+            lesion_mask=mask, lesion_box=box, segmentation_score=score, status=label,
+            latency_ms=latency, model_versions=versions)
+
+    def predict_many(self, images: Iterable[Any], concurrency: int = 8) -> Iterator[LesionPrediction]:
+        """Score many images concurrently, yielding results as they complete.
+
+        Items are images or `(image_id, image)` pairs; every result carries `index`
+        (position in `images`) and `image_id` (given, else the path stem, else the
+        index as a string).  A failing image yields a result with `error` set.
+        """
+        pool = futures.ThreadPoolExecutor(max_workers=max(1, concurrency),
+                                          thread_name_prefix="melanoma-client")
+        pending: set[futures.Future] = set()
+        try:
+            for index, item in enumerate(images):
+                if isinstance(item, tuple) and len(item) == 2:
+                    image_id, image = item
+                else:
+                    image_id, image = None, item
+                if image_id is None:
+                    image_id = default_image_id(image) or str(index)
+                pending.add(pool.submit(self._predict_safe, image, str(image_id), index))
+                if len(pending) >= 2 * concurrency:
+                    done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+            while pending:
+                done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Close the channel."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._channel.close()
+
+    def __enter__(self) -> "MelanomaClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _predict_safe(self, image: ImageInput, image_id: str, index: int) -> LesionPrediction:
+        started = time.perf_counter()
+        try:
+            result = self.predict(image, image_id)
+        except Exception as exc:
+            message = str(exc) or type(exc).__name__
+            if isinstance(exc, OSError):
+                message = f"cannot read image: {exc}"
+            return LesionPrediction(
+                image_id=image_id, melanoma_probability=math.nan, is_melanoma=None,
+                lesion_mask=None, lesion_box=None, segmentation_score=math.nan, status="error",
+                latency_ms={"total": (time.perf_counter() - started) * 1000.0}, index=index,
+                error=" ".join(message.split()))
+        return dataclasses.replace(result, index=index)
+
+    def _segment_request(self, image: ImageInput, image_id: str | None) -> predict_pb2.PredictRequest:
+        request = predict_pb2.PredictRequest()
+        name, version, label = self._segmenter
+        if isinstance(image, np.ndarray):
+            _model_spec(request.model_spec, name, ARRAY_SIGNATURE, version, label)
+            request.inputs["images"].CopyFrom(tf.make_tensor_proto(_as_rgb(image)[None]))
+            return request
+        if isinstance(image, (str, os.PathLike)):
+            data = Path(image).read_bytes()
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+        else:
+            raise TypeError(f"unsupported image type {type(image).__name__}")
+        _model_spec(request.model_spec, name, BYTES_SIGNATURE, version, label)
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([data], dtype=tf.string, shape=[1]))
+        return request
+
+    def _call(self, request: predict_pb2.PredictRequest, image_id: str | None
+              ) -> predict_pb2.PredictResponse:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return self._stub.Predict(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                attempt += 1
+                code = exc.code()
+                out_of_time = (self.retry_timeout is not None
+                               and time.monotonic() - started >= self.retry_timeout)
+                out_of_tries = self.retry_timeout is None and attempt > self.retries
+                if code not in RETRYABLE or out_of_time or out_of_tries or self._closed.is_set():
+                    raise PredictionError(
+                        f"{request.model_spec.name}: {code.name}: {exc.details()}", image_id,
+                        code) from exc
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                time.sleep(delay * random.uniform(0.5, 1.0))

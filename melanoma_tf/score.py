@@ -1,0 +1,239 @@
+"""Batch scoring: `python -m melanoma_tf.score --server localhost:8500 --input DIR_OR_CSV --output scores.csv`.
+
+Crash safety: every result is appended as one CSV line and flushed as it arrives, so
+a killed run loses at most the line being written.  On restart the output is read
+back, a partial last line (no trailing newline) is cut off, and every image id
+already present is skipped, so nothing is scored twice.  Masks (`--masks-dir`) are
+written to a temporary file and renamed before their row is written, so a row never
+points at a half-written mask.  While the server is down or restarting, UNAVAILABLE
+is retried with backoff for `--server-wait` seconds before an image is recorded as
+failed.  Images that fail (unreadable, undecodable, rejected) are written with their
+error and the run goes on; `--retry-failed` drops those rows and scores them again.
+Exit status: 0 when every input image has a result without error, 1 otherwise,
+2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = ["image_id", "path", "melanoma_probability", "is_melanoma", "lesion_score", "box",
+           "status", "error", "latency_ms"]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+FSYNC_EVERY_SECONDS = 5.0
+
+log = logging.getLogger("melanoma_tf.score")
+
+
+class UsageError(Exception):
+    """Bad input or output arguments (exit status 2)."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def discover_images(input_path: Path, recursive: bool = False) -> list[tuple[str, Path]]:
+    """(image_id, path) for a folder of jpg/jpeg/png or a CSV with an image_path/path column."""
+    if input_path.is_dir():
+        pattern = "**/*" if recursive else "*"
+        paths = sorted(p for p in input_path.glob(pattern)
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        stems = [p.stem for p in paths]
+        if len(set(stems)) == len(stems):
+            return list(zip(stems, paths))
+        log.warning("duplicate file names under %s: using relative paths as image ids", input_path)
+        return [(p.relative_to(input_path).with_suffix("").as_posix(), p) for p in paths]
+    if input_path.is_file() and input_path.suffix.lower() == ".csv":
+        with input_path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields = reader.fieldnames or []
+            column = "image_path" if "image_path" in fields else "path" if "path" in fields else None
+            if column is None:
+                raise UsageError(f"{input_path}: needs an 'image_path' or 'path' column")
+            items = []
+            for row in reader:
+                path = Path(row[column])
+                if not path.is_absolute():
+                    path = input_path.parent / path
+                image_id = (row.get("image_id") or "").strip() or path.stem
+                items.append((image_id, path))
+        return items
+    raise UsageError(f"{input_path}: not a folder nor a .csv file")
+
+
+def load_existing(output: Path) -> dict[str, dict[str, str]]:
+    """Rows already in `output` by image id; truncates a partial last line first."""
+    if not output.exists():
+        return {}
+    with output.open("rb+") as handle:
+        data = handle.read()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a partial last line left by an interrupted run", output)
+            handle.truncate(keep)
+            data = data[:keep]
+    if not data:
+        return {}
+    lines = data.decode("utf-8").splitlines()
+    header = next(csv.reader([lines[0]]))
+    if header != COLUMNS:
+        raise UsageError(f"{output}: existing file has columns {header}, expected {COLUMNS}")
+    rows: dict[str, dict[str, str]] = {}
+    for row in csv.DictReader(lines):
+        rows.setdefault(row["image_id"], row)
+    return rows
+
+
+def rewrite_without(output: Path, drop: set[str]) -> None:
+    """Atomically rewrite `output` without the rows of `drop` (for --retry-failed)."""
+    with output.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["image_id"] not in drop]
+    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, output)
+
+
+def write_mask(masks_dir: Path, image_id: str, mask: np.ndarray) -> Path:
+    """`<image_id>_segmentation.png` (0/255), written to a temp file then renamed."""
+    from PIL import Image
+
+    target = masks_dir / f"{image_id}_segmentation.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(temporary, format="PNG")
+    os.replace(temporary, target)
+    return target
+
+
+def _number(value: float) -> str:
+    return f"{value:.6f}" if value is not None and math.isfinite(value) else ""
+
+
+def result_row(result, path: Path) -> list[str]:
+    """One CSV row for a `LesionPrediction`."""
+    decision = "" if result.is_melanoma is None else ("1" if result.is_melanoma else "0")
+    box = " ".join(f"{v:.1f}" for v in result.lesion_box) if result.lesion_box else ""
+    return [result.image_id, _one_line(path), _number(result.melanoma_probability), decision,
+            _number(result.segmentation_score), box, result.status, _one_line(result.error or ""),
+            f"{result.latency_ms.get('total', 0.0):.1f}"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m melanoma_tf.score",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="localhost:8500", help="gRPC target host:port")
+    parser.add_argument("--input", required=True, type=Path, help="image folder or CSV")
+    parser.add_argument("--output", required=True, type=Path, help="scores CSV (appended/resumed)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="images in flight (about 2x the server's max_batch_size / threads)")
+    parser.add_argument("--masks-dir", type=Path, default=None,
+                        help="write <image_id>_segmentation.png masks here")
+    parser.add_argument("--threshold", type=float, default=0.5, help="melanoma decision threshold")
+    parser.add_argument("--recursive", action="store_true", help="search the folder recursively")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per RPC, seconds")
+    parser.add_argument("--server-wait", type=float, default=120.0,
+                        help="keep retrying UNAVAILABLE/DEADLINE_EXCEEDED this long per image")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="drop rows with an error from the output and score them again")
+    parser.add_argument("--segmenter", default="lesion_segmenter")
+    parser.add_argument("--classifier", default="melanoma_classifier")
+    parser.add_argument("--segmenter-version", type=int, default=None)
+    parser.add_argument("--segmenter-label", default=None)
+    parser.add_argument("--classifier-version", type=int, default=None)
+    parser.add_argument("--classifier-label", default=None)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Score every input image once; see the module docstring for the guarantees."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        items = discover_images(args.input, args.recursive)
+        existing = load_existing(args.output)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.retry_failed:
+        failed = {image_id for image_id, row in existing.items() if row["error"]}
+        if failed:
+            rewrite_without(args.output, failed)
+            existing = {k: v for k, v in existing.items() if k not in failed}
+    paths: dict[str, Path] = {}
+    for image_id, path in items:
+        if image_id in paths:
+            log.warning("duplicate image id %s (%s): scoring it once", image_id, path)
+            continue
+        paths[image_id] = path
+    todo = [(image_id, path) for image_id, path in paths.items() if image_id not in existing]
+    print(f"{len(paths)} images, {len(paths) - len(todo)} already in {args.output}, "
+          f"{len(todo)} to score", file=sys.stderr)
+
+    from tqdm import tqdm
+
+    from melanoma_tf.client import MelanomaClient
+
+    new_failed = 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a", newline="") as handle, MelanomaClient(
+            args.server, segmenter=args.segmenter, classifier=args.classifier,
+            segmenter_version=args.segmenter_version, segmenter_label=args.segmenter_label,
+            classifier_version=args.classifier_version, classifier_label=args.classifier_label,
+            threshold=args.threshold, timeout=args.timeout,
+            retry_timeout=args.server_wait) as client:
+        writer = csv.writer(handle, lineterminator="\n")
+        if handle.tell() == 0:
+            writer.writerow(COLUMNS)
+            handle.flush()
+        last_sync = time.monotonic()
+        progress = tqdm(total=len(todo), unit="img", disable=args.no_progress,
+                        dynamic_ncols=True, smoothing=0.1)
+        for result in client.predict_many(todo, concurrency=args.concurrency):
+            path = paths[result.image_id]
+            if result.error is None and args.masks_dir is not None and result.lesion_mask is not None:
+                try:
+                    write_mask(args.masks_dir, result.image_id, result.lesion_mask)
+                except OSError as exc:
+                    result = _with_error(result, f"cannot write mask: {exc}")
+            if result.error is not None:
+                new_failed += 1
+            writer.writerow(result_row(result, path))
+            handle.flush()
+            if time.monotonic() - last_sync > FSYNC_EVERY_SECONDS:
+                os.fsync(handle.fileno())
+                last_sync = time.monotonic()
+            progress.update(1)
+            progress.set_postfix(failed=new_failed, refresh=False)
+        progress.close()
+        os.fsync(handle.fileno())
+    old_failed = sum(1 for image_id, row in existing.items() if image_id in paths and row["error"])
+    print(f"scored {len(todo)} images ({new_failed} failed); "
+          f"{old_failed} earlier failures kept in {args.output}", file=sys.stderr)
+    return 1 if new_failed or old_failed else 0
+
+
+def _with_error(result, message: str):
+    import dataclasses
+
+    return dataclasses.replace(result, status="error", error=message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

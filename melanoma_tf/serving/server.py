@@ -1,0 +1,193 @@
+"""The embedded gRPC server: TF Serving's PredictionService and ModelService.
+
+Any TF Serving client (including `melanoma_tf.client`) talks to it unchanged.  Use
+`start_server` for an in-process server (tests, the pipeline, benchmarks) or
+`python -m melanoma_tf.serve` for a standalone one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent import futures
+from typing import Any, Callable, TypeVar
+
+import grpc
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_management_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+
+from melanoma_tf.serving.batching import SharedBatchScheduler
+from melanoma_tf.serving.config import (BatchingOptions, ModelsSpec, PathMap,
+                                        batching_options_from, model_server_config_from)
+from melanoma_tf.serving.errors import ServingError, code_number, from_exception
+from melanoma_tf.serving.model_registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+Response = TypeVar("Response")
+
+
+def _answer(context: grpc.ServicerContext, call: Callable[[], Response],
+            empty: Callable[[], Response]) -> Response:
+    """Run a handler; any failure becomes a gRPC status instead of an exception."""
+    try:
+        return call()
+    except ServingError as exc:
+        error = exc
+    except Exception as exc:
+        log.exception("request failed")
+        error = from_exception(exc)
+    context.set_code(error.code)
+    context.set_details(error.message)
+    return empty()
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Predict and GetModelMetadata (Classify/Regress stay UNIMPLEMENTED)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def Predict(self, request: predict_pb2.PredictRequest,
+                context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+        return _answer(context,
+                       lambda: self._registry.resolve(request.model_spec).predict(request),
+                       predict_pb2.PredictResponse)
+
+    def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
+                         context: grpc.ServicerContext
+                         ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        return _answer(context, lambda: self._registry.model_metadata(request),
+                       get_model_metadata_pb2.GetModelMetadataResponse)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus and HandleReloadConfigRequest."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest,
+                       context: grpc.ServicerContext
+                       ) -> get_model_status_pb2.GetModelStatusResponse:
+        return _answer(context, lambda: self._registry.model_status(request),
+                       get_model_status_pb2.GetModelStatusResponse)
+
+    def HandleReloadConfigRequest(self, request: model_management_pb2.ReloadConfigRequest,
+                                  context: grpc.ServicerContext
+                                  ) -> model_management_pb2.ReloadConfigResponse:
+        response = model_management_pb2.ReloadConfigResponse()
+        try:
+            self._registry.reload_config(request.config)
+            return response
+        except Exception as exc:
+            error = from_exception(exc)
+        log.error("ReloadConfig failed: %s", error.message)
+        response.status.error_code = code_number(error.code)
+        response.status.error_message = error.message
+        context.set_code(error.code)
+        context.set_details(error.message)
+        return response
+
+
+class ServerHandle:
+    """A running server: `.port`, `.target`, `.registry`, `.stats()`, `.stop()`."""
+
+    def __init__(self, server: grpc.Server, registry: ModelRegistry,
+                 scheduler: SharedBatchScheduler | None, host: str, port: int) -> None:
+        self.server = server
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._scheduler = scheduler
+        self._stopped = False
+
+    @property
+    def target(self) -> str:
+        """Address for a client channel, e.g. '127.0.0.1:8500'."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        """Per model version: warm-up requests replayed and batching counters."""
+        return self.registry.stats()
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting RPCs, let in-flight ones finish for `grace` s, unload models."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.server.stop(grace).wait()
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        self.registry.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server terminates."""
+        return self.server.wait_for_termination(timeout)
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
+                 batching_parameters: Any = None, path_map: PathMap | None = None,
+                 poll_seconds: float = 1.0, model_config_poll_seconds: float = 0.0,
+                 enable_warmup: bool = True,
+                 allow_version_labels_for_unavailable_models: bool = False,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 max_workers: int | None = None) -> ServerHandle:
+    """Load the configured models and serve them over gRPC; port 0 picks a free port.
+
+    `models` is a models.config path, a `ModelServerConfig`, or a dict name -> base path
+    (latest version policy).  `batching_parameters` is None (no batching, like TF
+    Serving without --enable_batching), a batching_parameters.txt path, a parsed
+    `BatchingParameters` or a dict of its fields.  `path_map` rewrites base-path
+    prefixes, e.g. {"/models": "exports"}.
+    """
+    config = model_server_config_from(models)
+    options: BatchingOptions | None = batching_options_from(batching_parameters)
+    scheduler = SharedBatchScheduler(options) if options is not None else None
+    mapped = {src: os.path.abspath(dst) for src, dst in (path_map or {}).items()}
+    registry = ModelRegistry(scheduler, mapped, enable_warmup,
+                             allow_version_labels_for_unavailable_models)
+    try:
+        registry.reload_config(config)
+    except BaseException:
+        registry.stop()
+        if scheduler is not None:
+            scheduler.stop()
+        raise
+    if max_workers is None:
+        max_workers = min(256, max(32, 2 * (options.max_batch_size if options else 8) + 8))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=[("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.so_reuseport", 0)])
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(registry), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
+    bind_host = f"[{host}]" if ":" in host else host
+    try:
+        bound = server.add_insecure_port(f"{bind_host}:{port}")
+    except RuntimeError as exc:
+        bound = 0
+        bind_error = str(exc)
+    else:
+        bind_error = "port in use or not allowed"
+    if not bound:
+        registry.stop()
+        if scheduler is not None:
+            scheduler.stop()
+        raise OSError(f"cannot bind {bind_host}:{port}: {bind_error}")
+    server.start()
+    registry.start_polling(poll_seconds)
+    if isinstance(models, (str, os.PathLike)):
+        registry.watch_config_file(str(models), model_config_poll_seconds)
+    return ServerHandle(server, registry, scheduler, host, bound)

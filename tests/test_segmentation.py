@@ -1,0 +1,205 @@
+"""Segmentation stage on the tiny CPU config: experiments, training, resume, eval, export."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from official.core import exp_factory
+from official.core import task_factory
+from PIL import Image
+
+from melanoma_tf import masking
+from melanoma_tf.configs import EXPERIMENTS_DIR
+from melanoma_tf.configs import segmentation as seg_cfg
+from melanoma_tf.serving import export_segmenter, warmup
+from melanoma_tf.tasks import lesion_segmentation
+
+TINY = str(EXPERIMENTS_DIR / "seg_tiny_test.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", [seg_cfg.PAPER_EXPERIMENT, seg_cfg.CPU_EXPERIMENT])
+def test_registered_experiments_are_lesion_mask_rcnns(name):
+    params = exp_factory.get_exp_config(name)
+    params.validate()
+    model = params.task.model
+    assert model.num_classes == 2 and model.include_mask
+    assert model.backbone.type == "resnet" and model.backbone.resnet.model_id == 101
+    assert model.decoder.type == "fpn"
+    parser = params.task.train_data.parser
+    assert parser.aug_rand_hflip and parser.aug_rand_vflip and parser.aug_rand_rot90
+    assert parser.aug_scale_min < 1 < parser.aug_scale_max and parser.aug_color_jitter > 0
+    assert params.trainer.optimizer_config.optimizer.type == "sgd"
+
+
+def test_gpu_yaml_sets_mixed_precision_and_mirrored():
+    params = lesion_segmentation.build_experiment(
+        seg_cfg.PAPER_EXPERIMENT, None, [str(EXPERIMENTS_DIR / "seg_r101_gpu.yaml")])
+    assert params.runtime.distribution_strategy == "mirrored"
+    assert params.runtime.mixed_precision_dtype == "float16"
+
+
+def test_schedule_ends_exactly_at_the_budget(synthetic_records):
+    params = lesion_segmentation.build_experiment(seg_cfg.CPU_EXPERIMENT, synthetic_records, train_steps=137)
+    task = task_factory.get_task(params.task)
+    optimizer = task.create_optimizer(params.trainer.optimizer_config, params.runtime)
+    schedule = optimizer.learning_rate
+    assert params.trainer.train_steps == 137
+    assert float(schedule(136)) > 0
+    assert float(schedule(137)) == pytest.approx(0.0, abs=1e-9)
+    assert float(schedule(60)) > float(schedule(120))
+
+
+def test_rot90_boxes_follow_the_image():
+    from melanoma_tf.dataloaders.maskrcnn_input import rot90_boxes
+
+    mask = np.zeros((8, 10), np.float32)
+    mask[1:3, 2:7] = 1
+    box = tf.constant([[1 / 8, 2 / 10, 3 / 8, 7 / 10]])
+    for k in range(4):
+        turned = np.rot90(mask, k)
+        rows, cols = np.flatnonzero(turned.any(1)), np.flatnonzero(turned.any(0))
+        h, w = turned.shape
+        want = [rows[0] / h, cols[0] / w, (rows[-1] + 1) / h, (cols[-1] + 1) / w]
+        np.testing.assert_allclose(rot90_boxes(box, tf.constant(k))[0].numpy(), want, atol=1e-6)
+
+
+def test_one_train_step_lowers_the_loss_on_a_fixed_batch(synthetic_records):
+    params = lesion_segmentation.build_experiment(seg_cfg.PAPER_EXPERIMENT, synthetic_records, [TINY])
+    task = task_factory.get_task(params.task)
+    model = task.build_model()
+    optimizer = task.create_optimizer(params.trainer.optimizer_config, params.runtime)
+    batch = next(iter(task.build_inputs(params.task.train_data)))
+    step = tf.function(lambda: task.train_step(batch, model, optimizer))
+    losses = [float(step()["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.fixture(scope="session")
+def tiny_seg_run(synthetic_records, tmp_path_factory) -> Path:
+    model_dir = tmp_path_factory.mktemp("seg") / "run"
+    lesion_segmentation.train(synthetic_records, model_dir, seg_cfg.PAPER_EXPERIMENT, [TINY])
+    return model_dir
+
+
+def test_training_writes_checkpoints_summaries_and_lesion_metrics(tiny_seg_run):
+    assert tf.train.latest_checkpoint(str(tiny_seg_run)).endswith("ckpt-4")
+    assert list((tiny_seg_run / "train").glob("events.out.tfevents.*"))
+    metrics = json.loads((tiny_seg_run / lesion_segmentation.EVAL_METRICS_FILE).read_text())
+    for key in ("jaccard", "threshold_jaccard", "dice", "accuracy", "sensitivity", "specificity",
+                "detection_rate", "segmentation_precision", "table1_found", "table1_missed",
+                "table1_background_called_lesion"):
+        assert 0 <= metrics[f"lesion_{key}"] <= max(1, metrics["lesion_num_images"]), key
+    assert metrics["lesion_num_images"] == 8  # the synthetic test split's masked images
+    assert metrics["lesion_table1_found"] + metrics["lesion_table1_missed"] + \
+        metrics["lesion_table1_background_called_lesion"] == 8
+    assert "mask_AP" in metrics and metrics["step"] == 4
+
+
+def _events_steps(directory: Path) -> list[list[int]]:
+    from tensorflow.core.util import event_pb2
+
+    runs = []
+    for path in sorted(directory.glob("events.out.tfevents.*"), key=os.path.getmtime):
+        steps = {event_pb2.Event.FromString(r.numpy()).step for r in tf.data.TFRecordDataset(str(path))}
+        runs.append(sorted(s for s in steps if s > 0))
+    return runs
+
+
+def test_killed_run_resumes_at_its_last_checkpoint(synthetic_records, tmp_path):
+    model_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "melanoma_tf.train", "--stage", "seg", "--data-dir", str(synthetic_records),
+           "--model-dir", str(model_dir), "--config-file", TINY, "--mode", "train",
+           "--params-override", "trainer.train_steps=40,trainer.checkpoint_interval=2,"
+                                "trainer.optimizer_config.learning_rate.cosine.decay_steps=40"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list(model_dir.glob("ckpt-4.index")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = int(tf.train.latest_checkpoint(str(model_dir)).rsplit("-", 1)[1])
+    assert 4 <= killed_at < 40
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=300)
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-40")
+    first_run, second_run = _events_steps(model_dir / "train")
+    assert second_run[0] > killed_at  # no step before the checkpoint was trained again
+
+
+def test_mirrored_strategy_over_two_logical_cpus(synthetic_records, tmp_path):
+    script = f"""
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from melanoma_tf.tasks import lesion_segmentation as ls
+params = ls.build_experiment("{seg_cfg.PAPER_EXPERIMENT}", "{synthetic_records}", ["{TINY}"],
+                             "runtime.distribution_strategy=mirrored,trainer.train_steps=2")
+strategy = ls.distribution_strategy(params)
+assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
+ls.run(params, "{tmp_path / 'mirrored'}", "train_and_eval")
+print("REPLICAS", strategy.num_replicas_in_sync)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REPLICAS 2" in out.stdout
+    assert (tmp_path / "mirrored" / lesion_segmentation.EVAL_METRICS_FILE).is_file()
+
+
+@pytest.fixture(scope="session")
+def seg_export(tiny_seg_run, tmp_path_factory) -> Path:
+    return export_segmenter.export(tiny_seg_run, tmp_path_factory.mktemp("exports") / "lesion_segmenter" / "1")
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_export_signature_shapes_dtypes_and_bad_images(seg_export, synthetic_dir):
+    model = tf.saved_model.load(str(seg_export))
+    serve = model.signatures["serving_default"]
+    paths = sorted((synthetic_dir / "images").glob("*.jpg"))[:2]
+    sources = [np.asarray(Image.open(p)) for p in paths]
+    png = io.BytesIO()
+    Image.fromarray(sources[1]).save(png, format="PNG")
+    batch = [paths[0].read_bytes(), b"not an image", b"", png.getvalue()]
+    out = {k: v.numpy() for k, v in serve(image_bytes=tf.constant(batch)).items()}
+    hmax = max(s.shape[0] for s in sources)
+    wmax = max(s.shape[1] for s in sources)
+    assert out["lesion_mask"].shape == (4, hmax, wmax) and out["lesion_mask"].dtype == np.uint8
+    assert out["masked_image"].shape == (4, 227, 227, 3) and out["masked_image"].dtype == np.uint8
+    assert out["lesion_box"].shape == (4, 4) and out["lesion_score"].dtype == np.float32
+    assert list(out["status"][1:3]) == [2, 2]
+    assert out["image_size"].tolist() == [list(sources[0].shape[:2]), [0, 0], [0, 0], list(sources[1].shape[:2])]
+    assert not out["lesion_mask"][1:3].any() and not out["masked_image"][1:3].any()
+    for i, source in ((0, sources[0]), (3, sources[1])):
+        h, w = source.shape[:2]
+        mask = out["lesion_mask"][i]
+        assert set(np.unique(mask)) <= {0, 1} and not mask[h:].any() and not mask[:, w:].any()
+        decoded = tf.io.decode_image(batch[i], channels=3).numpy()
+        want = masking.mask_lesion(tf.constant(decoded), tf.constant(mask[:h, :w])).numpy()
+        np.testing.assert_array_equal(out["masked_image"][i], want)
+        assert out["status"][i] == (0 if mask.any() else 1)
+    tensor_out = model.signatures["serving_image_tensor"](images=tf.constant(sources[0][None]))
+    np.testing.assert_array_equal(tensor_out["lesion_mask"][0].numpy(), out["lesion_mask"][0][:sources[0].shape[0], :sources[0].shape[1]])
+
+
+def test_export_has_warmup_requests_that_it_answers(seg_export):
+    requests = warmup.read_warmup_requests(seg_export)
+    assert len(requests) == 1 and requests[0].model_spec.name == export_segmenter.MODEL_NAME
+    model = tf.saved_model.load(str(seg_export))
+    images = tf.make_ndarray(requests[0].inputs["image_bytes"])
+    out = model.signatures["serving_default"](image_bytes=tf.constant(images))
+    assert out["status"].numpy()[0] in (0, 1)
