@@ -53,13 +53,16 @@ class AugmentationConfig(hyperparams.Config):
 
 @dataclasses.dataclass
 class ModelConfig(hyperparams.Config):
-    """`modeling.alexnet.alexnet` arguments; the defaults are the paper's network."""
+    """`modeling.alexnet.alexnet` arguments; the defaults are the paper's network.
+    working_size: 0 computes at data.input_size; else the model resizes its input to this size."""
     num_classes: int = 2
+    working_size: int = 0
     dense_units: List[int] = dataclasses.field(default_factory=lambda: [1000, 1000, 500])
     dropout: float = 0.6
     batch_norm: bool = False
     global_pool: bool = False
     kernel_initializer: str = "glorot_uniform"
+    output_initializer: str = "glorot_uniform"
     normalization: str = "mean_std"
     augmentation: AugmentationConfig = dataclasses.field(default_factory=AugmentationConfig)
 

@@ -1,0 +1,175 @@
+"""Classifier benchmark on the real ISIC sample: the 5-fold protocol with ground-truth masks.
+
+    python benchmarks/classification.py [--variant NAME] [--experiment E] [--config-file F]...
+        [--params-override S] [--epochs N] [--no-final] [--baseline-only]
+
+Builds the records once (into --records), cross-validates the configured AlexNet on the masked
+lesions (`melanoma_tf.tasks.melanoma_classification.train`), and fits a colour-and-shape logistic
+regression on the same masked lesions and the same folds. Each variant's numbers are merged into
+benchmarks/results/classification.json under its name, so variants can be compared; the table
+printed at the end shows all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from melanoma_tf import build_tfrecords  # noqa: E402
+from melanoma_tf.evaluation import classification as metrics  # noqa: E402
+from melanoma_tf.tasks import melanoma_classification as task  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def lesion_features(image: np.ndarray) -> np.ndarray:
+    """Colour and shape of one masked lesion (the classifier's own input; lesion = non-black).
+
+    Colour: mean, standard deviation and 10th/90th percentiles of each channel in RGB, HSV and
+    CIE Lab over the lesion. Shape: area, compactness (perimeter^2 / 4 pi area), solidity,
+    elongation, and asymmetry (area not covered by the lesion mirrored about its principal axes).
+    """
+    mask = image.max(-1) > 0
+    if mask.sum() < 10:
+        return np.zeros(4 * 9 + 6)
+    colours = [image, cv2.cvtColor(image, cv2.COLOR_RGB2HSV), cv2.cvtColor(image, cv2.COLOR_RGB2LAB)]
+    pixels = np.concatenate([c[mask].astype(float) for c in colours], axis=1)
+    colour = np.concatenate([pixels.mean(0), pixels.std(0), *np.percentile(pixels, [10, 90], axis=0)])
+    m8 = mask.astype(np.uint8)
+    contours, _ = cv2.findContours(m8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contour = max(contours, key=cv2.contourArea)
+    area = float(mask.sum())
+    perimeter = cv2.arcLength(contour, True)
+    hull = cv2.contourArea(cv2.convexHull(contour)) or area
+    mom = cv2.moments(m8, binaryImage=True)
+    cov = np.array([[mom["mu20"], mom["mu11"]], [mom["mu11"], mom["mu02"]]]) / mom["m00"]
+    evals, evecs = np.linalg.eigh(cov)
+    centre = (mom["m10"] / mom["m00"], mom["m01"] / mom["m00"])
+    angle = np.degrees(np.arctan2(evecs[1, 1], evecs[0, 1]))
+    aligned = cv2.warpAffine(m8, cv2.getRotationMatrix2D(centre, angle, 1.0), m8.shape[::-1])
+    asymmetry = [np.logical_xor(aligned, np.flip(aligned, axis)).sum() / (2 * area) for axis in (0, 1)]
+    shape = [area / mask.size, perimeter ** 2 / (4 * np.pi * area), area / hull,
+             np.sqrt(evals[1] / max(evals[0], 1e-6)), *asymmetry]
+    return np.concatenate([colour, shape])
+
+
+def logistic_baseline(data: task.LesionSet, num_folds: int) -> tuple[np.ndarray, list[dict]]:
+    """Out-of-fold melanoma probabilities of a standardised, class-balanced logistic regression,
+    and its per-fold metrics."""
+    features = np.stack([lesion_features(im) for im in data.images])
+    score, per_fold = np.zeros(len(data)), []
+    for k in range(num_folds):
+        train_idx, held_idx = task.fold_indices(data.folds, k, num_folds)
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000))
+        model.fit(features[train_idx], data.labels[train_idx])
+        score[held_idx] = model.predict_proba(features[held_idx])[:, 1]
+        per_fold.append(metrics.classification_metrics(data.labels[held_idx], score[held_idx]))
+    return score, per_fold
+
+
+def _entry(labels, score, per_fold, n_boot, seed, **extra) -> dict:
+    return {"pooled": metrics.metrics_with_ci(labels, score, n=n_boot, seed=seed),
+            "mean_sd": metrics.summarize_folds(per_fold), **extra}
+
+
+def print_table(results: dict) -> None:
+    """One row per variant. 'last' columns score each fold's last epoch; 'best' its best epoch by
+    held-out AUC, which is chosen on the scored images and therefore optimistic."""
+    cols = ("AUC last [95% CI]", "AUC best [95% CI]", "fold AUC", "sens", "spec", "bal.acc",
+            "sens@90sp", "test AUC", "min")
+    rows = []
+    for name, r in [("logistic regression (colour+shape)", results.get("baseline"))] + sorted(
+            results.get("variants", {}).items(), key=lambda kv: kv[1].get("finished", "")):
+        if not r:
+            continue
+        last, best = r.get("pooled_last_epoch", r["pooled"]), r["pooled"]
+        fold = r.get("mean_sd_last_epoch", r["mean_sd"])["roc_auc"]
+        test = r.get("test")
+        rows.append((name, metrics.format_ci(last["roc_auc"]), metrics.format_ci(best["roc_auc"]),
+                     f"{fold['mean']:.3f}±{fold['sd']:.3f}", *(f"{last[k]['value']:.3f}" for k in (
+                         "sensitivity", "specificity", "balanced_accuracy", "sensitivity_at_90_specificity")),
+                     f"{test['metrics']['roc_auc']['value']:.3f}" if test else "-",
+                     f"{r['minutes']:.0f}" if r.get("minutes") else "-"))
+    width = max(len(r[0]) for r in rows)
+    widths = [21, 21, 11, 5, 5, 7, 9, 8, 4]
+    header = f"{'variant':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, widths))
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r[0]:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(r[1:], widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
+    p.add_argument("--records", type=Path, default=ROOT / "tfrecords/isic-sample", help="records cache")
+    p.add_argument("--variant", default=None, help="name in the results (default: the experiment)")
+    p.add_argument("--model-dir", type=Path, default=None, help="default runs/benchmark_cls/<variant>")
+    p.add_argument("--experiment", default="melanoma_alexnet_paper")
+    p.add_argument("--config-file", action="append", default=[])
+    p.add_argument("--params-override", default="")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--no-final", action="store_true", help="cross-validation only (no final model, no test)")
+    p.add_argument("--baseline-only", action="store_true")
+    p.add_argument("--output", type=Path, default=RESULTS / "classification.json")
+    args = p.parse_args(argv)
+
+    if not (args.records / "manifest.json").exists():
+        build_tfrecords.print_summary(build_tfrecords.build(args.data_dir, args.records, folds=5, seed=0),
+                                      args.records)
+    name = args.variant or args.experiment
+    override = ",".join(s for s in (args.params_override, "training.final_model=false" if args.no_final else "") if s)
+    params = task.resolve_params(args.experiment, args.config_file, override, None, args.epochs)
+    data = task.read_lesions(args.records, "train", params.data)
+    folds, seed, n_boot = params.training.folds, params.training.seed, params.evaluation.bootstrap_samples
+
+    results = json.loads(args.output.read_text()) if args.output.exists() else {}
+    results["dataset"] = {"data_dir": str(args.data_dir), "records": str(args.records), "images": len(data),
+                          "melanoma": int(data.labels.sum()), "folds": folds,
+                          "note": "train split, ground-truth masks only; folds as stored in the records"}
+    base_score, base_folds = logistic_baseline(data, folds)
+    results["baseline"] = _entry(data.labels, base_score, base_folds, n_boot, seed,
+                                 model="StandardScaler + LogisticRegression(C=0.1, balanced) on 42 colour/shape features")
+    curves = {"logistic regression": (data.labels, base_score)}
+    if not args.baseline_only:
+        model_dir = args.model_dir or ROOT / "runs/benchmark_cls" / name
+        start = time.perf_counter()
+        out = task.train(args.records, model_dir, args.experiment, args.config_file, override, None, args.epochs)
+        minutes = (time.perf_counter() - start) / 60
+        cv = json.loads((model_dir / "cv_metrics.json").read_text())
+        with (model_dir / "predictions.csv").open() as f:
+            oof = [r for r in csv.DictReader(f) if r["split"] == "train"]
+        labels = np.array([int(r["label"]) for r in oof])
+        score = np.array([float(r["melanoma_probability_last_epoch"]) for r in oof])
+        results.setdefault("variants", {})[name] = {
+            "experiment": args.experiment, "config_files": args.config_file, "params_override": override,
+            "pooled": cv["pooled"]["metrics"], "mean_sd": cv["mean_sd"],
+            "pooled_last_epoch": cv["pooled_last_epoch"]["metrics"], "mean_sd_last_epoch": cv["mean_sd_last_epoch"],
+            "best_epochs": [f["best_epoch"] for f in cv["per_fold"]],
+            "test": out["test"], "minutes": minutes, "model_dir": str(model_dir),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+        curves[f"{name} (last epoch)"] = (labels, score)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    metrics.write_json(args.output, results)
+    metrics.plot_roc(curves, args.output.with_suffix(".png"), "5-fold CV, ISIC sample (out-of-fold)")
+    print()
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

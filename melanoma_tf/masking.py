@@ -1,0 +1,129 @@
+"""The one place where a dermoscopy image becomes the classifier's input.
+
+Training, evaluation, the skin-bias study and the segmentation exporter (in graph) all call
+these functions, so what the classifier sees cannot drift between them. Pure TF ops: they run
+eagerly, inside `tf.function` with unknown H and W, and per image of a batch via `tf.map_fn`.
+
+Choices, and why:
+- The lesion view (`mask_lesion`, the paper's input) zeroes every pixel outside the mask, then
+  takes a square around the lesion's box enlarged by `margin` of its longer side on each side,
+  so the lesion's aspect ratio is kept and it fills most of the input whatever its size. Where
+  the square leaves the image it is padded with black.
+- The raw square is resampled (bilinear, antialiased when shrinking) and then multiplied by the
+  mask resampled with nearest neighbour on the same grid. So every output pixel outside the
+  resampled mask is exactly 0, and every pixel inside is exactly the bilinear resample of the
+  source: no skin colour leaks outside the mask, and along the border only the one output pixel
+  that the interpolation kernel straddles can mix in skin.
+- A mask is any dtype; non-zero means lesion. An all-zero mask gives an all-black image (no
+  lesion, nothing to show); an all-ones mask (records without a mask) gives the whole frame.
+- The skin-bias study's views are siblings here, not copies: `whole_frame` (no masking) and
+  `skin_only`, which blacks out the lesion view's square (the lesion's box plus margin) rather
+  than just the mask, because a mask-shaped hole would still show the lesion's outline, itself a
+  melanoma cue (border irregularity). The square's position and size remain visible.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+VIEWS = ("lesion", "whole", "skin")
+
+
+def _square_resample(image: tf.Tensor, keep: tf.Tensor, top: tf.Tensor, left: tf.Tensor,
+                     side: tf.Tensor, output_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Crops the square [top, top+side) x [left, left+side) (black outside the image), resizes it
+    to output_size and zeroes the pixels where `keep` (nearest-resized) is 0."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    y0, x0 = tf.maximum(top, 0), tf.maximum(left, 0)
+    y1, x1 = tf.minimum(top + side, h), tf.minimum(left + side, w)
+    y1, x1 = tf.maximum(y1, y0), tf.maximum(x1, x0)
+    paddings = [[y0 - top, top + side - y1], [x0 - left, left + side - x1], [0, 0]]
+    crop = tf.pad(image[y0:y1, x0:x1], paddings)
+    keep_crop = tf.pad(keep[y0:y1, x0:x1, None], paddings)
+    size = [output_size, output_size]
+    pixels = tf.image.resize(tf.cast(crop, tf.float32), size, "bilinear", antialias=True)
+    keep_out = tf.image.resize(keep_crop, size, "nearest")
+    out = tf.cast(tf.clip_by_value(tf.round(pixels), 0, 255), tf.uint8) * keep_out
+    out = tf.ensure_shape(out, [output_size, output_size, 3])
+    return out, tf.ensure_shape(keep_out[..., 0], [output_size, output_size])
+
+
+def _binary(mask: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
+    """0/1 uint8 [H, W] from a [H, W] or [H, W, 1] mask of any dtype."""
+    mask = tf.reshape(mask, tf.shape(image)[:2])
+    return tf.cast(tf.not_equal(mask, tf.zeros((), mask.dtype)), tf.uint8)
+
+
+def lesion_box(mask: tf.Tensor) -> tf.Tensor:
+    """(ymin, xmin, ymax, xmax) int32, max exclusive, of the non-zero pixels of a [H, W] mask;
+    the whole frame when the mask is empty."""
+    on = tf.not_equal(mask, tf.zeros((), mask.dtype))
+    rows, cols = tf.reduce_any(on, axis=1), tf.reduce_any(on, axis=0)
+    h, w = tf.shape(rows, tf.int32)[0], tf.shape(cols, tf.int32)[0]
+    ymin = tf.argmax(tf.cast(rows, tf.int32), output_type=tf.int32)
+    xmin = tf.argmax(tf.cast(cols, tf.int32), output_type=tf.int32)
+    ymax = h - tf.argmax(tf.cast(tf.reverse(rows, [0]), tf.int32), output_type=tf.int32)
+    xmax = w - tf.argmax(tf.cast(tf.reverse(cols, [0]), tf.int32), output_type=tf.int32)
+    empty = tf.logical_not(tf.reduce_any(rows))
+    return tf.where(empty, tf.stack([0, 0, h, w]), tf.stack([ymin, xmin, ymax, xmax]))
+
+
+def _lesion_square(mask: tf.Tensor, margin: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, side) of the square around the lesion box, enlarged by `margin` per side."""
+    box = tf.cast(lesion_box(mask), tf.float32)
+    extent = tf.maximum(box[2] - box[0], box[3] - box[1])
+    side = tf.math.ceil(extent * (1.0 + 2.0 * margin))
+    top = tf.floor((box[0] + box[2] - side) / 2.0)
+    left = tf.floor((box[1] + box[3] - side) / 2.0)
+    return tf.cast(top, tf.int32), tf.cast(left, tf.int32), tf.cast(side, tf.int32)
+
+
+def crop_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = 227,
+                margin: float = 0.1) -> tuple[tf.Tensor, tf.Tensor]:
+    """The masked lesion view and the resampled 0/1 mask it was multiplied with
+    ([S, S, 3] and [S, S] uint8); shape features of the baseline read the second."""
+    keep = _binary(mask, image)
+    top, left, side = _lesion_square(keep, margin)
+    return _square_resample(image, keep, top, left, side, output_size)
+
+
+def mask_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = 227,
+                margin: float = 0.1) -> tf.Tensor:
+    """uint8 [S, S, 3]: the lesion on black, centred in a square crop (see module docstring)."""
+    return crop_lesion(image, mask, output_size, margin)[0]
+
+
+def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: int = 227,
+                margin: float = 0.1) -> tf.Tensor:
+    """uint8 [S, S, 3]: the whole image, centred and padded black to a square; ignores the mask."""
+    del mask, margin
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    side = tf.maximum(h, w)
+    keep = tf.ones([h, w], tf.uint8)
+    return _square_resample(image, keep, (h - side) // 2, (w - side) // 2, side, output_size)[0]
+
+
+def skin_only(image: tf.Tensor, mask: tf.Tensor, output_size: int = 227,
+              margin: float = 0.1) -> tf.Tensor:
+    """uint8 [S, S, 3]: the whole frame with the lesion view's square blacked out."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    top, left, side = _lesion_square(_binary(mask, image), margin)
+    rows = tf.logical_and(tf.range(h) >= top, tf.range(h) < top + side)
+    cols = tf.logical_and(tf.range(w) >= left, tf.range(w) < left + side)
+    hidden = tf.logical_and(rows[:, None], cols[None, :])
+    keep = tf.cast(tf.logical_not(hidden), tf.uint8)
+    frame = tf.maximum(h, w)
+    return _square_resample(image, keep, (h - frame) // 2, (w - frame) // 2, frame, output_size)[0]
+
+
+def view_fn(view: str) -> Callable[..., tf.Tensor]:
+    """The function for a view name in VIEWS: (image, mask, output_size, margin) -> uint8 image."""
+    views = {"lesion": mask_lesion, "whole": whole_frame, "skin": skin_only}
+    if view not in views:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    return views[view]

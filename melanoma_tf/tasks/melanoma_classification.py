@@ -1,0 +1,428 @@
+"""Stage 2: the masked-lesion melanoma classifier, trained with k-fold cross-validation.
+
+    records --parse_lesion--> image, mask --masking.view_fn--> uint8 [S, S, 3] --> AlexNet
+
+Protocol: fold k of the train split (the folds stored in the records, so the same images as in
+every other experiment) is held out while a model trains on the others; then a final model
+trains on the whole train split and is evaluated once on the test split.
+
+Every fit runs in its own folder (`fold_<k>/`, `final/`) with a per-epoch backup (Keras
+`BackupAndRestore`), the best weights by validation AUC, a CSV history and TensorBoard logs. A
+rerun after a kill continues the unfinished fit from its last finished epoch, with the early
+stopping count and best-so-far carried over, and skips fits whose `result.json` exists.
+
+Class imbalance: class weights by default (`data.imbalance`), balanced sampling as an option.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
+
+from melanoma_tf import masking, tfrecords
+from melanoma_tf.configs import classification as configs
+from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.modeling import alexnet as alexnet_lib
+
+NEVUS, MELANOMA = 0, 1
+
+
+@dataclasses.dataclass
+class LesionSet:
+    """Classifier inputs of one split, in memory: a few thousand 227^2 images fit easily, and
+    masking each image once (not every epoch) is most of the input pipeline's cost."""
+    images: np.ndarray  # uint8 [N, S, S, 3]
+    labels: np.ndarray  # int [N], 0 nevus, 1 melanoma
+    folds: np.ndarray  # int [N], -1 in the test split
+    image_ids: np.ndarray  # str [N]
+
+    def subset(self, index: np.ndarray) -> "LesionSet":
+        return LesionSet(self.images[index], self.labels[index], self.folds[index], self.image_ids[index])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_lesions(data_dir: str | Path, split: str, data: configs.DataConfig,
+                 view: str | None = None) -> LesionSet:
+    """Melanoma and nevus images of a split whose mask the config accepts, as the classifier sees
+    them (`view` overrides data.view)."""
+    files = sorted(tf.io.gfile.glob(tfrecords.split_pattern(data_dir, split)))
+    if not files:
+        raise FileNotFoundError(f"no {tfrecords.split_pattern(data_dir, split)} records")
+    to_view = masking.view_fn(view or data.view)
+    sources = tf.constant(list(data.mask_sources) or [""])
+
+    def usable(r):
+        melanoma_or_nevus = r["label"] <= MELANOMA
+        accepted = tf.logical_and(r["has_mask"] == 1, tf.reduce_any(tf.equal(r["mask_source"], sources)))
+        return tf.logical_and(melanoma_or_nevus, tf.logical_or(accepted, data.include_unmasked))
+
+    def prepare(r):
+        return (to_view(r["image"], r["mask"], data.input_size, data.margin), r["label"], r["fold"],
+                r["image_id"])
+
+    ds = (tf.data.TFRecordDataset(files).map(tfrecords.parse_lesion, tf.data.AUTOTUNE)
+          .filter(usable).map(prepare, tf.data.AUTOTUNE).batch(64).prefetch(1))
+    parts = [[t.numpy() for t in batch] for batch in ds]
+    if not parts:
+        raise ValueError(f"{data_dir}: no usable {split} image (mask sources {list(data.mask_sources)}, "
+                         f"include_unmasked={data.include_unmasked})")
+    images, labels, folds, ids = (np.concatenate(p) for p in zip(*parts))
+    return LesionSet(images, labels.astype(int), folds.astype(int), ids.astype(str))
+
+
+def fold_indices(folds: np.ndarray, k: int, num_folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) row indices of cross-validation fold k of num_folds.
+
+    Stored fold f belongs to fold f % num_folds, so fewer folds than were stored merge whole
+    stored folds, and images of one lesion still never straddle training and held-out rows.
+    """
+    stored = np.unique(folds)
+    if stored.min() < 0 or num_folds > len(stored):
+        raise ValueError(f"the records hold folds {stored.tolist()}; cannot make {num_folds} folds "
+                         "(rebuild them with build_tfrecords --folds)")
+    held = folds % num_folds == k
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def build_model(params: configs.ClassificationExperiment, training: bool = True) -> keras.Model:
+    """The configured AlexNet; with the training-only augmentation when `training`."""
+    m, a = params.model, params.model.augmentation
+    augment = alexnet_lib.augmentation(a.flip, a.rot90, a.brightness, a.contrast,
+                                       seed=params.training.seed) if training else None
+    return alexnet_lib.alexnet(**model_kwargs(params), augment=augment)
+
+
+def model_kwargs(params: configs.ClassificationExperiment) -> dict:
+    m = params.model
+    return dict(input_shape=(params.data.input_size, params.data.input_size, 3), num_classes=m.num_classes,
+                dense_units=tuple(m.dense_units), dropout=m.dropout, batch_norm=m.batch_norm,
+                global_pool=m.global_pool, kernel_initializer=m.kernel_initializer,
+                output_initializer=m.output_initializer,
+                normalization=m.normalization, working_size=m.working_size or None)
+
+
+def build_optimizer(opt: configs.OptimizerConfig, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
+    """SGD with momentum or AdamW; linear warmup, then constant or cosine decay to 0."""
+    warmup = round(opt.warmup_epochs * steps_per_epoch)
+    decay = max(epochs * steps_per_epoch - warmup, 1)
+    lr = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else opt.learning_rate, decay_steps=decay,
+        alpha=1.0 if opt.schedule == "constant" else 0.0,
+        warmup_target=opt.learning_rate if warmup else None, warmup_steps=warmup)
+    common = dict(learning_rate=lr, weight_decay=opt.weight_decay or None, clipnorm=opt.clipnorm)
+    if opt.type == "sgd":
+        optimizer = keras.optimizers.SGD(momentum=opt.momentum, nesterov=opt.nesterov, **common)
+    else:
+        optimizer = keras.optimizers.AdamW(**common)
+    if opt.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "_bn"])
+    return optimizer
+
+
+def _one_hot(labels: np.ndarray) -> np.ndarray:
+    return np.eye(2, dtype=np.float32)[labels]
+
+
+def _training_data(data: LesionSet, params: configs.ClassificationExperiment):
+    """(dataset, steps_per_epoch, class_weight) for fit."""
+    cfg, seed = params.data, params.training.seed
+    steps = math.ceil(len(data) / cfg.batch_size)
+    if cfg.imbalance == "balanced_sampling":
+        per_class = [tf.data.Dataset.from_tensor_slices((data.images[data.labels == c], _one_hot(data.labels[data.labels == c])))
+                     .shuffle(len(data), seed=seed).repeat() for c in (NEVUS, MELANOMA)]
+        ds = tf.data.Dataset.sample_from_datasets(per_class, [0.5, 0.5], seed=seed)
+        return ds.batch(cfg.batch_size).prefetch(2), steps, None
+    ds = (tf.data.Dataset.from_tensor_slices((data.images, _one_hot(data.labels)))
+          .shuffle(len(data), seed=seed, reshuffle_each_iteration=True).batch(cfg.batch_size).prefetch(2))
+    class_weight = None
+    if cfg.imbalance == "class_weight":
+        weights = compute_class_weight("balanced", classes=np.array([NEVUS, MELANOMA]), y=data.labels)
+        class_weight = {NEVUS: float(weights[0]), MELANOMA: float(weights[1])}
+    return ds, None, class_weight
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping that carries on the count of a killed fit: Keras resets it in
+    on_train_begin, so the finished epochs' values are replayed there."""
+
+    def __init__(self, past_values: Sequence[float], **kwargs):
+        super().__init__(**kwargs)
+        self.past_values = list(past_values)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._set_monitor_op()
+        for epoch, value in enumerate(self.past_values):
+            self.wait += 1
+            if self._is_improvement(value, self.best):
+                self.best, self.best_epoch, self.wait = value, epoch, 0
+
+
+def _resume_state(run_dir: Path) -> list[dict]:
+    """History rows of the epochs the backup holds; a fit without a backup starts over."""
+    backup_meta = run_dir / "backup" / "training_metadata.json"
+    history = run_dir / "history.csv"
+    if not backup_meta.exists():
+        for stale in ("history.csv", "best.weights.h5", "logs", "backup"):
+            path = run_dir / stale
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return []
+    done = json.loads(backup_meta.read_text())["epoch"]
+    rows = list(csv.DictReader(history.open())) if history.exists() else []
+    rows = [r for r in rows if int(r["epoch"]) < done]
+    if rows:
+        with history.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        history.unlink(missing_ok=True)
+    return rows
+
+
+def fit(train: LesionSet, val: LesionSet | None, params: configs.ClassificationExperiment,
+        run_dir: Path, epochs: int, callbacks: Sequence[keras.callbacks.Callback] = ()) -> tuple[keras.Model, int]:
+    """Trains (or resumes) one model in run_dir; returns it with its last epoch's weights and the
+    epoch (1-based) with the best validation AUC, whose weights are in run_dir/best.weights.h5
+    (without validation: the last epoch)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    past = _resume_state(run_dir)
+    keras.utils.set_random_seed(params.training.seed)
+    model = build_model(params, training=True)
+    if params.model.normalization == "mean_std":
+        model.get_layer("normalization").adapt(
+            tf.data.Dataset.from_tensor_slices(train.images).batch(64).map(lambda x: tf.cast(x, tf.float32)))
+    ds, steps, class_weight = _training_data(train, params)
+    model.compile(
+        optimizer=build_optimizer(params.optimizer, steps or math.ceil(len(train) / params.data.batch_size), epochs),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auc", multi_label=True, num_labels=2, label_weights=[0.0, 1.0]),
+                 keras.metrics.CategoricalAccuracy(name="accuracy")])
+    best_path = run_dir / "best.weights.h5"
+    cbs: list[keras.callbacks.Callback] = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)]
+    val_ds = None
+    if val is not None:
+        val_ds = tf.data.Dataset.from_tensor_slices((val.images, _one_hot(val.labels))).batch(params.data.batch_size)
+        best_so_far = max((float(r["val_auc"]) for r in past), default=None)
+        cbs.append(keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor="val_auc", mode="max", save_best_only=True, save_weights_only=True,
+            initial_value_threshold=best_so_far))
+        if params.training.early_stopping_patience:
+            cbs.append(ResumableEarlyStopping([float(r["val_auc"]) for r in past], monitor="val_auc", mode="max",
+                                              patience=params.training.early_stopping_patience))
+    cbs += [keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True),
+            keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
+            *callbacks]
+    model.fit(ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps, class_weight=class_weight,
+              callbacks=cbs, verbose=params.training.verbose, shuffle=False)  # tf.data shuffles
+    if val is None:
+        return model, epochs
+    rows = list(csv.DictReader((run_dir / "history.csv").open()))
+    best = max(rows, key=lambda r: float(r["val_auc"]))
+    return model, int(best["epoch"]) + 1
+
+
+def predict(model: keras.Model, images: np.ndarray, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+    """Melanoma probabilities [N]; with tta, the mean over the 8 flips/rotations of each image."""
+    if not tta:
+        return model.predict(images, batch_size=batch_size, verbose=0)[:, MELANOMA]
+    views = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    views += [v[:, :, ::-1] for v in views]
+    return np.mean([model.predict(np.ascontiguousarray(v), batch_size=batch_size, verbose=0)[:, MELANOMA]
+                    for v in views], axis=0)
+
+
+def _fold_metrics(labels: np.ndarray, score: np.ndarray, threshold: float) -> dict | None:
+    try:
+        return metrics.classification_metrics(labels, score, threshold)
+    except ValueError:  # a held-out fold with one class only (tiny datasets)
+        return None
+
+
+def _fold_result(k: int, train: LesionSet, held: LesionSet, best: np.ndarray, last: np.ndarray,
+                 best_epoch: int, threshold: float) -> dict:
+    return {"fold": k, "n_train": len(train), "n_val": len(held), "n_val_melanoma": int(held.labels.sum()),
+            "best_epoch": best_epoch, "metrics": _fold_metrics(held.labels, best, threshold),
+            "metrics_last_epoch": _fold_metrics(held.labels, last, threshold),
+            "predictions": [{"image_id": i, "label": int(y), "melanoma_probability": float(b),
+                             "melanoma_probability_last_epoch": float(s)}
+                            for i, y, b, s in zip(held.image_ids, held.labels, best, last)]}
+
+
+def cross_validate(data: LesionSet, params: configs.ClassificationExperiment, model_dir: Path,
+                   callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """Runs (or resumes) every fold; returns per-fold results and out-of-fold predictions."""
+    num_folds, results = params.training.folds, []
+    for k in range(num_folds):
+        run_dir = model_dir / f"fold_{k}"
+        done = run_dir / "result.json"
+        if done.exists():
+            results.append(json.loads(done.read_text()))
+            print(f"fold {k + 1}/{num_folds}: done before, skipped")
+            continue
+        train_idx, held_idx = fold_indices(data.folds, k, num_folds)
+        train, held = data.subset(train_idx), data.subset(held_idx)
+        print(f"fold {k + 1}/{num_folds}: {len(train)} training images ({train.labels.sum()} melanoma), "
+              f"{len(held)} held out ({held.labels.sum()} melanoma)")
+        model, best_epoch = fit(train, held, params, run_dir, params.training.epochs, callbacks)
+        last = predict(model, held.images, params.evaluation.tta)
+        model.load_weights(str(run_dir / "best.weights.h5"))
+        best = predict(model, held.images, params.evaluation.tta)
+        result = _fold_result(k, train, held, best, last, best_epoch, params.evaluation.threshold)
+        metrics.write_json(done, result)
+        results.append(result)
+        auc = result["metrics"]["roc_auc"] if result["metrics"] else float("nan")
+        print(f"fold {k + 1}/{num_folds}: AUC {auc:.3f}, best epoch {best_epoch}")
+        keras.backend.clear_session()
+    return {"folds": results,
+            "oof": [p | {"fold": r["fold"]} for r in results for p in r["predictions"]]}
+
+
+def _evaluate(labels: np.ndarray, score: np.ndarray, params: configs.ClassificationExperiment) -> dict:
+    ev = params.evaluation
+    return {"n": int(len(labels)), "n_melanoma": int(labels.sum()), "threshold": ev.threshold,
+            "metrics": metrics.metrics_with_ci(labels, score, ev.threshold, ev.bootstrap_samples,
+                                               params.training.seed),
+            "table_ii": metrics.table_ii(labels, score, ev.threshold), "paper": metrics.PAPER}
+
+
+def summarize_cv(cv: dict, params: configs.ClassificationExperiment, model_dir: Path, title: str = "") -> dict:
+    """cv_metrics.json, roc_cv.png and confusion_cv.png from cross_validate's results.
+
+    `pooled`/`mean_sd` use each fold's best epoch by held-out AUC, as early stopping restores it:
+    that epoch is chosen on the images it is then scored on, so these are optimistic. The
+    `*_last_epoch` entries use each fold's last epoch and carry no such selection.
+    """
+    labels = np.array([p["label"] for p in cv["oof"]])
+    score = np.array([p["melanoma_probability"] for p in cv["oof"]])
+    last = np.array([p["melanoma_probability_last_epoch"] for p in cv["oof"]])
+    per_fold = [r["metrics"] for r in cv["folds"] if r["metrics"]]
+    per_fold_last = [r["metrics_last_epoch"] for r in cv["folds"] if r["metrics_last_epoch"]]
+    summary = {
+        "protocol": f"{params.training.folds}-fold cross-validation over the train split, out-of-fold "
+                    "predictions pooled; best epoch = highest held-out AUC (optimistic), last epoch = unselected",
+        "per_fold": [{k: r[k] for k in ("fold", "n_train", "n_val", "n_val_melanoma", "best_epoch", "metrics",
+                                        "metrics_last_epoch")} for r in cv["folds"]],
+        "mean_sd": metrics.summarize_folds(per_fold) if per_fold else None,
+        "pooled": _evaluate(labels, score, params),
+        "mean_sd_last_epoch": metrics.summarize_folds(per_fold_last) if per_fold_last else None,
+        "pooled_last_epoch": _evaluate(labels, last, params),
+    }
+    metrics.write_json(model_dir / "cv_metrics.json", summary)
+    metrics.plot_roc({"out-of-fold": (labels, score)}, model_dir / "roc_cv.png", title or "Cross-validation ROC")
+    metrics.plot_confusion(labels, score, model_dir / "confusion_cv.png", params.evaluation.threshold,
+                           title or "Cross-validation (pooled)")
+    return summary
+
+
+def _write_predictions(path: Path, rows: list[dict], threshold: float) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "split", "fold", "label", "melanoma_probability", "predicted",
+                         "melanoma_probability_last_epoch"])
+        for r in rows:
+            last = r.get("melanoma_probability_last_epoch")
+            writer.writerow([r["image_id"], r["split"], r["fold"], r["label"], f"{r['melanoma_probability']:.6f}",
+                             int(r["melanoma_probability"] >= threshold), "" if last is None else f"{last:.6f}"])
+    tmp.replace(path)
+
+
+def prepare_model_dir(params: configs.ClassificationExperiment, model_dir: Path) -> None:
+    """Writes params.yaml, or checks that a run being resumed used the same params."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    saved = model_dir / "params.yaml"
+    if saved.exists():
+        if configs.load_config(saved).as_dict() != params.as_dict():
+            raise ValueError(f"{model_dir} holds a run with other params ({saved}); "
+                             "use another --model-dir or delete it")
+        return
+    tmp = model_dir / "params.yaml.tmp"
+    configs.save_config(params, tmp)
+    tmp.replace(saved)
+
+
+def resolve_params(experiment: str | None = None, config_files: Sequence[str] = (), params_override: str | dict = "",
+                   folds: int | None = None, epochs: int | None = None,
+                   extra: dict | None = None) -> configs.ClassificationExperiment:
+    """The run's config: profile, YAML files, override string, the --folds/--epochs flags, then
+    `extra` (what a caller such as the skin-bias study fixes)."""
+    params = configs.build_config(experiment, config_files, params_override, lock=False)
+    flags = {k: v for k, v in (("folds", folds), ("epochs", epochs)) if v is not None}
+    if flags:
+        params.override({"training": flags})
+    if extra:
+        params.override(extra)
+    params.validate()
+    params.lock()
+    return params
+
+
+def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = None,
+          config_files: Sequence[str] = (), params_override: str | dict = "", folds: int | None = None,
+          epochs: int | None = None, callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """Cross-validates, trains the final model and evaluates it on the test split.
+
+    Returns {"cv": cv_metrics or None, "test": test_metrics or None}; writes cv_metrics.json,
+    test_metrics.json, roc_*.png, confusion_*.png, predictions.csv, final_model.keras and
+    params.yaml into model_dir. `callbacks` are added to every fit (tests, profiling).
+    """
+    params = resolve_params(experiment, config_files, params_override, folds, epochs)
+    model_dir = Path(model_dir)
+    prepare_model_dir(params, model_dir)
+    t = params.training
+    if not t.folds and not t.final_model:
+        raise ValueError("nothing to do: training.folds is 0 and training.final_model is false")
+    data = read_lesions(data_dir, "train", params.data)
+    print(f"train split: {len(data)} images ({data.labels.sum()} melanoma), view {params.data.view!r}")
+    out: dict = {"cv": None, "test": None}
+    rows: list[dict] = []
+    best_epochs: list[int] = []
+    if t.folds:
+        cv = cross_validate(data, params, model_dir, callbacks)
+        out["cv"] = summarize_cv(cv, params, model_dir)
+        rows += [p | {"split": "train"} for p in cv["oof"]]
+        best_epochs = [r["best_epoch"] for r in cv["folds"]]
+    if t.final_model:
+        final_path = model_dir / "final_model.keras"
+        if final_path.exists():
+            print("final model: done before, loaded")
+            model = keras.models.load_model(final_path, compile=False)  # Keras 3.15 cannot re-compile AUC(label_weights)
+        else:
+            epochs_final = t.final_epochs or (int(math.ceil(np.median(best_epochs))) if best_epochs else t.epochs)
+            print(f"final model: {len(data)} training images, {epochs_final} epochs")
+            model, _ = fit(data, None, params, model_dir / "final", epochs_final, callbacks)
+            tmp = model_dir / "final_model.tmp.keras"
+            model.save(tmp)
+            tmp.replace(final_path)
+        try:
+            test = read_lesions(data_dir, "test", params.data)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"no test evaluation: {e}")
+        else:
+            score = predict(model, test.images, params.evaluation.tta)
+            out["test"] = _evaluate(test.labels, score, params)
+            metrics.write_json(model_dir / "test_metrics.json", out["test"])
+            metrics.plot_roc({"test": (test.labels, score)}, model_dir / "roc_test.png", "Test split ROC")
+            metrics.plot_confusion(test.labels, score, model_dir / "confusion_test.png",
+                                   params.evaluation.threshold, "Test split")
+            rows += [{"image_id": i, "split": "test", "fold": -1, "label": int(y), "melanoma_probability": float(s)}
+                     for i, y, s in zip(test.image_ids, test.labels, score)]
+    _write_predictions(model_dir / "predictions.csv", rows, params.evaluation.threshold)
+    for name, result in (("cross-validation", out["cv"] and out["cv"]["pooled"]), ("test", out["test"])):
+        if result:
+            print(f"{name} ({result['n']} images): " + ", ".join(
+                f"{k} {metrics.format_ci(result['metrics'][k])}" for k in ("roc_auc", "sensitivity", "specificity")))
+    return out

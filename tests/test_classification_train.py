@@ -1,0 +1,164 @@
+"""Classifier training: folds are disjoint, a short run learns, a killed run resumes.
+
+The training runs use `cls_tiny_test.yaml` (99x99 input, batch norm, global pooling, a 32-unit
+head, 4 epochs): the paper's 227x227 network needs far more epochs than a test can afford before
+it learns anything, and these tests check the training machinery, not the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from melanoma_tf import build_tfrecords
+from melanoma_tf.configs import classification as configs
+from melanoma_tf.data import synthetic
+from melanoma_tf.tasks import melanoma_classification as task
+
+pytestmark = pytest.mark.slow
+EPOCHS = 4
+KILL_AT = 1  # 0-based epoch of fold 1 after which the first run is "killed"
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+class Kill(keras.callbacks.Callback):
+    """Raises after epoch KILL_AT of the second fit (fold 1), as a kill would stop the run."""
+
+    def __init__(self):
+        super().__init__()
+        self.fits = 0
+
+    def on_train_begin(self, logs=None):
+        self.fits += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.fits == 2 and epoch == KILL_AT:
+            raise SimulatedKill()
+
+
+class Epochs(keras.callbacks.Callback):
+    """Records the epochs each fit actually runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fits: list[list[int]] = []
+
+    def on_train_begin(self, logs=None):
+        self.fits.append([])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.fits[-1].append(epoch)
+
+
+@pytest.fixture(scope="module")
+def records_2fold(tmp_path_factory) -> Path:
+    """120 synthetic lesions, all masked, in 2 folds: enough held-out images (about 48) for an AUC
+    that means something; the shared 40-image fixture leaves about 5 per fold."""
+    root = tmp_path_factory.mktemp("cls")
+    data = synthetic.generate_dataset(root / "data", num_images=120, seed=5, image_size=(96, 128))
+    build_tfrecords.build(data, root / "records", folds=2, seed=0, progress=False)
+    return root / "records"
+
+
+@pytest.fixture(scope="module")
+def resumed_run(records_2fold, tmp_path_factory):
+    """A 2-fold run killed in fold 1, then run again to the end (final model and test split)."""
+    model_dir = tmp_path_factory.mktemp("run")
+    args = dict(data_dir=records_2fold, model_dir=model_dir, config_files=["cls_tiny_test.yaml"], epochs=EPOCHS)
+    with pytest.raises(SimulatedKill):
+        task.train(**args, callbacks=[Kill()])
+    fold0_mtime = (model_dir / "fold_0" / "result.json").stat().st_mtime_ns
+    epochs = Epochs()
+    out = task.train(**args, callbacks=[epochs])
+    return model_dir, out, epochs.fits, fold0_mtime
+
+
+def test_folds_never_share_an_image(synthetic_records):
+    params = task.resolve_params(config_files=["cls_tiny_test.yaml"],
+                                 params_override={"data": {"include_unmasked": True}})
+    data = task.read_lesions(synthetic_records, "train", params.data)
+    manifest = json.loads((synthetic_records / "manifest.json").read_text())
+    for num_folds in (5, 2):
+        held_sets = []
+        for k in range(num_folds):
+            train_idx, held_idx = task.fold_indices(data.folds, k, num_folds)
+            assert not set(data.image_ids[train_idx]) & set(data.image_ids[held_idx])
+            held_sets.append(set(data.image_ids[held_idx]))
+        assert sum(len(s) for s in held_sets) == len(set().union(*held_sets)) == len(data)
+    for k in range(5):  # fold k of 5 is exactly the records' stored fold k
+        held = set(data.image_ids[task.fold_indices(data.folds, k, 5)[1]])
+        assert held == set(manifest["folds"][str(k)]) & set(data.image_ids)
+    with pytest.raises(ValueError, match="cannot make 6 folds"):
+        task.fold_indices(data.folds, 0, 6)
+
+
+def test_resume_continues_the_killed_fold_from_its_last_finished_epoch(resumed_run):
+    model_dir, _, fits, _ = resumed_run
+    assert fits[0] == list(range(KILL_AT + 1, EPOCHS)), "fold 1 restarted instead of resuming"
+    with (model_dir / "fold_1" / "history.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(EPOCHS))
+    assert not (model_dir / "fold_1" / "backup").exists()
+
+
+def test_finished_folds_are_skipped_on_rerun(resumed_run):
+    model_dir, _, fits, fold0_mtime = resumed_run
+    assert len(fits) == 2, "expected only the resumed fold 1 and the final model to train"
+    assert (model_dir / "fold_0" / "result.json").stat().st_mtime_ns == fold0_mtime
+
+
+def test_short_training_beats_chance_on_held_out_images(resumed_run):
+    _, out, _, _ = resumed_run
+    # last-epoch predictions: the best epoch is chosen on the held-out images themselves
+    per_fold = [f["metrics_last_epoch"]["roc_auc"] for f in out["cv"]["per_fold"]]
+    pooled = out["cv"]["pooled_last_epoch"]["metrics"]["roc_auc"]
+    assert min(per_fold) > 0.55 and np.mean(per_fold) > 0.65, per_fold
+    assert pooled["ci95"][0] > 0.5, pooled
+
+
+def test_writes_results_people_can_look_at(resumed_run):
+    model_dir, out, _, _ = resumed_run
+    for name in ("cv_metrics.json", "test_metrics.json", "roc_cv.png", "roc_test.png", "confusion_cv.png",
+                 "confusion_test.png", "predictions.csv", "final_model.keras", "params.yaml"):
+        assert (model_dir / name).is_file(), name
+    with (model_dir / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["split"] for r in rows} == {"train", "test"}
+    assert len(rows) == out["cv"]["pooled"]["n"] + out["test"]["n"]
+    table = out["test"]["table_ii"]
+    assert sum(sum(row.values()) for row in table.values()) == out["test"]["n"]
+    assert configs.load_config(model_dir / "params.yaml").data.input_size == 99
+
+
+def test_rerun_with_other_params_is_refused(resumed_run, records_2fold):
+    model_dir, _, _, _ = resumed_run
+    with pytest.raises(ValueError, match="other params"):
+        task.train(records_2fold, model_dir, config_files=["cls_tiny_test.yaml"], epochs=EPOCHS + 1)
+
+
+def test_early_stopping_count_survives_a_restart():
+    stopper = task.ResumableEarlyStopping([0.5, 0.7, 0.6, 0.65], monitor="val_auc", mode="max", patience=3)
+    stopper.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    stopper.on_train_begin()
+    assert (stopper.best, stopper.best_epoch, stopper.wait) == (0.7, 1, 2)
+    stopper.on_epoch_end(4, {"val_auc": 0.6})
+    assert stopper.model.stop_training
+
+
+def test_class_weights_balance_the_classes():
+    data = task.LesionSet(np.zeros((8, 4, 4, 3), np.uint8), np.array([0] * 6 + [1] * 2), np.zeros(8, int),
+                          np.array([str(i) for i in range(8)]))
+    params = task.resolve_params(params_override={"data": {"batch_size": 4}})
+    _, steps, weights = task._training_data(data, params)
+    assert steps is None and weights[1] / weights[0] == pytest.approx(3.0)
+    balanced = task.resolve_params(params_override={"data": {"batch_size": 400, "imbalance": "balanced_sampling"}})
+    ds, steps, weights = task._training_data(data, balanced)
+    labels = next(iter(ds))[1].numpy().argmax(1)
+    assert weights is None and steps == 1 and abs(labels.mean() - 0.5) < 0.1

@@ -1,0 +1,92 @@
+"""The exported classifier keeps the serving contract the gRPC client is built against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from melanoma_tf.configs import classification as configs
+from melanoma_tf.serving import export_classifier
+from melanoma_tf.serving.servable import Servable
+from melanoma_tf.tasks import melanoma_classification as task
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_and_export(tmp_path_factory) -> tuple[Path, Path]:
+    """A run folder as `train` leaves it (params.yaml + final_model.keras), untrained: the paper's
+    227x227 network with an 8-unit head, so that saving and exporting take seconds."""
+    model_dir = tmp_path_factory.mktemp("cls_run")
+    params = task.resolve_params(params_override={"model": {"dense_units": [8]}})
+    configs.save_config(params, model_dir / "params.yaml")
+    model = task.build_model(params, training=True)
+    model.get_layer("normalization").adapt(np.random.default_rng(0).integers(0, 256, (4, 227, 227, 3)).astype("float32"))
+    model.save(model_dir / "final_model.keras")
+    export_dir = model_dir.parent / "exports" / "melanoma_classifier" / "1"
+    export_classifier.export(model_dir, export_dir)
+    return model_dir, export_dir
+
+
+@pytest.fixture(scope="module")
+def serving_fn(run_and_export):
+    return tf.saved_model.load(str(run_and_export[1])).signatures["serving_default"]
+
+
+def _images(n: int = 3) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (n, 227, 227, 3), dtype=np.uint8)
+
+
+def test_signature_has_the_agreed_names_shapes_and_dtypes(serving_fn):
+    (spec,) = serving_fn.structured_input_signature[1].values()
+    assert list(serving_fn.structured_input_signature[1]) == ["masked_image"]
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 227, 227, 3]
+    outputs = serving_fn.structured_outputs
+    assert {k: (v.dtype, v.shape.as_list()) for k, v in outputs.items()} == {
+        "melanoma_probability": (tf.float32, [None]),
+        "probabilities": (tf.float32, [None, 2]),
+        "class_id": (tf.int32, [None]),
+    }
+
+
+def test_outputs_are_consistent_and_match_the_trained_model(serving_fn, run_and_export):
+    images = _images()
+    out = {k: v.numpy() for k, v in serving_fn(masked_image=tf.constant(images)).items()}
+    np.testing.assert_allclose(out["probabilities"].sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(out["melanoma_probability"], out["probabilities"][:, 1])
+    np.testing.assert_array_equal(out["class_id"], (out["melanoma_probability"] >= 0.5).astype(np.int32))
+    _, trained = export_classifier.load_trained(run_and_export[0])
+    np.testing.assert_allclose(out["probabilities"], trained.predict(images, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((1, 200, 200, 3), np.uint8), np.zeros((1, 227, 227, 3), np.float32),
+                                 np.zeros((227, 227, 3), np.uint8)], ids=["shape", "dtype", "unbatched"])
+def test_bad_inputs_give_a_clear_error(serving_fn, bad):
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)) as error:
+        serving_fn(masked_image=tf.constant(bad))
+    message = str(error.value)
+    assert "227" in message or "uint8" in message or "dtype" in message, message
+
+
+def test_warmup_requests_parse_and_replay(run_and_export):
+    export_dir = run_and_export[1]
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+               for r in tf.data.TFRecordDataset(str(export_dir / "assets.extra" / "tf_serving_warmup_requests"))]
+    assert len(records) == 1
+    request = records[0].predict_log.request
+    assert request.model_spec.signature_name == "serving_default"
+    batch = tf.make_ndarray(request.inputs["masked_image"])
+    assert batch.dtype == np.uint8 and batch.shape[1:] == (227, 227, 3) and 1 < len(batch) <= 8
+    assert Servable("melanoma_classifier", 1, str(export_dir)).warmup() == 1
+
+
+def test_export_is_atomic_and_never_overwrites_a_version(run_and_export):
+    model_dir, export_dir = run_and_export
+    with pytest.raises(FileExistsError):
+        export_classifier.export(model_dir, export_dir)
+    assert sorted(p.name for p in export_dir.parent.iterdir()) == ["1"]
+    assert (export_dir / "saved_model.pb").is_file() and (export_dir / "assets.extra" / "params.yaml").is_file()

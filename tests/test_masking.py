@@ -1,0 +1,116 @@
+"""The one masking function: exact at the mask border, black without a lesion, graph- and batch-safe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from melanoma_tf import masking
+
+SIZE = 48
+
+
+def _lesion(h: int = 60, w: int = 90, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A textured image and an off-centre elliptic lesion mask (0/1) that runs off the left edge,
+    so the crop square needs padding."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(20, 256, (h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = (((yy - 0.45 * h) / (0.3 * h)) ** 2 + ((xx - 0.1 * w) / (0.25 * w)) ** 2 <= 1).astype(np.uint8)
+    return image, mask
+
+
+def _reference(image: np.ndarray, mask: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Computed independently in NumPy: the lesion's square (box + margin, black padding), then
+    the bilinear resample of the raw pixels and the nearest-neighbour resample of the mask."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    side = int(np.ceil(max(y1 - y0, x1 - x0) * (1 + 2 * margin)))
+    top, left = int(np.floor((y0 + y1 - side) / 2)), int(np.floor((x0 + x1 - side) / 2))
+    pad = side * 2
+    big_image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    big_mask = np.pad(mask, ((pad, pad), (pad, pad)))
+    crop = big_image[top + pad:top + pad + side, left + pad:left + pad + side]
+    crop_mask = big_mask[top + pad:top + pad + side, left + pad:left + pad + side]
+    pixels = tf.image.resize(crop.astype(np.float32), [size, size], "bilinear", antialias=True).numpy()
+    keep = tf.image.resize(crop_mask[..., None], [size, size], "nearest").numpy()[..., 0]
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8), keep
+
+
+def test_output_is_exact_at_the_mask_border():
+    image, mask = _lesion()
+    out, keep = (t.numpy() for t in masking.crop_lesion(image, mask, SIZE, 0.1))
+    pixels, ref_keep = _reference(image, mask, SIZE, 0.1)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(keep, ref_keep)
+    assert (out[keep == 0] == 0).all(), "a pixel outside the resampled mask is not black"
+    np.testing.assert_array_equal(out[keep == 1], pixels[keep == 1])
+    assert 0.3 < keep.mean() < 0.9, "the lesion should fill most of the square"
+
+
+def test_mask_lesion_is_crop_lesion_image_and_accepts_any_mask_encoding():
+    image, mask = _lesion(seed=1)
+    expected = masking.crop_lesion(image, mask, SIZE)[0].numpy()
+    np.testing.assert_array_equal(masking.mask_lesion(image, mask, SIZE).numpy(), expected)
+    np.testing.assert_array_equal(masking.mask_lesion(image, (mask * 255)[..., None], SIZE).numpy(), expected)
+    np.testing.assert_array_equal(masking.mask_lesion(image, mask.astype(np.float32), SIZE).numpy(), expected)
+
+
+def test_lesion_is_centred_with_the_margin_on_its_longer_side():
+    image = np.full((100, 100, 3), 90, np.uint8)
+    mask = np.zeros((100, 100), np.uint8)
+    mask[20:40, 10:70] = 1  # 20 x 60 box: square side 72, so 6 px (10 output px) of margin
+    keep = masking.crop_lesion(image, mask, 120, 0.1)[1].numpy()
+    rows, cols = np.flatnonzero(keep.any(1)), np.flatnonzero(keep.any(0))
+    assert (cols.min(), cols.max()) == (10, 109)
+    assert abs((rows.min() + rows.max()) / 2 - 59.5) <= 1 and abs(len(rows) - 33) <= 1
+
+
+def test_all_zero_mask_gives_a_black_image():
+    image, _ = _lesion()
+    out = masking.mask_lesion(image, np.zeros(image.shape[:2], np.uint8), SIZE).numpy()
+    assert out.shape == (SIZE, SIZE, 3) and not out.any()
+
+
+def test_works_in_tf_function_with_unknown_height_and_width():
+    fn = tf.function(lambda im, m: masking.mask_lesion(im, m, SIZE), input_signature=[
+        tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([None, None], tf.uint8)])
+    for shape in ((60, 90), (81, 53)):
+        image, mask = _lesion(*shape)
+        out = fn(image, mask)
+        assert out.shape == (SIZE, SIZE, 3)
+        np.testing.assert_array_equal(out.numpy(), masking.mask_lesion(image, mask, SIZE).numpy())
+
+
+def test_works_for_a_batch_via_map_fn():
+    pairs = [_lesion(seed=s) for s in range(3)]
+    images = np.stack([p[0] for p in pairs])
+    masks = np.stack([p[1] for p in pairs])
+    masks[1] = 0
+    out = tf.map_fn(lambda x: masking.mask_lesion(x[0], x[1], SIZE), (images, masks),
+                    fn_output_signature=tf.TensorSpec([SIZE, SIZE, 3], tf.uint8)).numpy()
+    for i in range(3):
+        np.testing.assert_array_equal(out[i], masking.mask_lesion(images[i], masks[i], SIZE).numpy())
+    assert not out[1].any()
+
+
+def test_whole_frame_keeps_everything_and_pads_to_a_square():
+    image = np.full((40, 80, 3), 200, np.uint8)
+    out = masking.whole_frame(image, None, 80).numpy()
+    assert (out[:19] == 0).all() and (out[-19:] == 0).all()  # 20 rows of padding above and below
+    assert (out[21:59] == 200).all()
+
+
+def test_skin_only_blacks_out_the_lesion_square_and_keeps_the_skin():
+    image = np.full((100, 100, 3), 150, np.uint8)
+    mask = np.zeros((100, 100), np.uint8)
+    mask[40:60, 45:55] = 1
+    out = masking.skin_only(image, mask, 100, 0.1).numpy()
+    assert not out[38:62, 38:62].any(), "the lesion square (box + 10% of its longer side) is visible"
+    assert (out[:30] == 150).all() and (out[70:] == 150).all()
+
+
+def test_unknown_view_is_refused():
+    with pytest.raises(ValueError, match="unknown view"):
+        masking.view_fn("dermis")
