@@ -67,10 +67,11 @@ def otsu_baseline(records: Path) -> dict[str, float]:
     return seg_metrics.summarize(per_image)
 
 
-def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, overrides: str) -> dict:
+def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, overrides: str,
+        train_steps: int | None = None) -> dict:
     per_step = cpu_seconds_per_step(
         lesion_segmentation.build_experiment(PROFILES[profile], records, (), overrides))
-    steps = max(10, int(budget_minutes * 60 * CORES / per_step))
+    steps = train_steps or max(10, int(budget_minutes * 60 * CORES / per_step))
     print(f"{profile}: {per_step:.1f} CPU-s/step -> {steps} steps in {budget_minutes} min x {CORES} cores")
     params = lesion_segmentation.build_experiment(PROFILES[profile], records, (), overrides, train_steps=steps)
     wall, cpu = time.time(), time.process_time()
@@ -124,6 +125,8 @@ def main() -> None:
     p.add_argument("--records", type=Path, default=HERE / ".cache" / "isic-sample")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--params-override", default="")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="fix the step count (e.g. to resume an interrupted run from its checkpoints)")
     p.add_argument("--plot", action="store_true", help="only redraw the chart from saved results")
     args = p.parse_args()
     if args.plot:
@@ -132,7 +135,8 @@ def main() -> None:
     records = ensure_records(args.data_dir, args.records)
     name = f"segmentation-{args.profile}-{args.budget_minutes:g}min"
     model_dir = args.model_dir or HERE / ".runs" / name
-    result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override)
+    result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override,
+                 args.train_steps)
     result["otsu"] = otsu_baseline(records)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

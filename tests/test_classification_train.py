@@ -162,3 +162,14 @@ def test_class_weights_balance_the_classes():
     ds, steps, weights = task._training_data(data, balanced)
     labels = next(iter(ds))[1].numpy().argmax(1)
     assert weights is None and steps == 1 and abs(labels.mean() - 0.5) < 0.1
+
+
+def test_test_time_augmentation_is_invariant_to_the_symmetries_it_averages():
+    params = task.resolve_params(config_files=["cls_tiny_test.yaml"])
+    keras.utils.set_random_seed(0)
+    model = task.build_model(params, training=False)
+    images = np.random.default_rng(0).integers(0, 256, (4, 99, 99, 3), dtype=np.uint8)
+    plain = task.predict(model, images, tta=True)
+    np.testing.assert_allclose(task.predict(model, np.rot90(images, 1, axes=(1, 2)).copy(), tta=True), plain, atol=1e-5)
+    np.testing.assert_allclose(task.predict(model, images[:, ::-1].copy(), tta=True), plain, atol=1e-5)
+    assert not np.allclose(task.predict(model, images), plain, atol=1e-5)

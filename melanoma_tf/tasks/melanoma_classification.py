@@ -98,7 +98,7 @@ def fold_indices(folds: np.ndarray, k: int, num_folds: int) -> tuple[np.ndarray,
 
 def build_model(params: configs.ClassificationExperiment, training: bool = True) -> keras.Model:
     """The configured AlexNet; with the training-only augmentation when `training`."""
-    m, a = params.model, params.model.augmentation
+    a = params.model.augmentation
     augment = alexnet_lib.augmentation(a.flip, a.rot90, a.brightness, a.contrast,
                                        seed=params.training.seed) if training else None
     return alexnet_lib.alexnet(**model_kwargs(params), augment=augment)
@@ -127,7 +127,7 @@ def build_optimizer(opt: configs.OptimizerConfig, steps_per_epoch: int, epochs: 
     else:
         optimizer = keras.optimizers.AdamW(**common)
     if opt.weight_decay:
-        optimizer.exclude_from_weight_decay(var_names=["bias", "_bn"])
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])  # not BN scales/offsets
     return optimizer
 
 
@@ -401,7 +401,8 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
             print("final model: done before, loaded")
             model = keras.models.load_model(final_path, compile=False)  # Keras 3.15 cannot re-compile AUC(label_weights)
         else:
-            epochs_final = t.final_epochs or (int(math.ceil(np.median(best_epochs))) if best_epochs else t.epochs)
+            stopped_early = best_epochs and t.early_stopping_patience
+            epochs_final = t.final_epochs or (int(math.ceil(np.median(best_epochs))) if stopped_early else t.epochs)
             print(f"final model: {len(data)} training images, {epochs_final} epochs")
             model, _ = fit(data, None, params, model_dir / "final", epochs_final, callbacks)
             tmp = model_dir / "final_model.tmp.keras"
