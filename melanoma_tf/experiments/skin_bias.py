@@ -83,7 +83,9 @@ def _write_markdown(path: Path, report: dict) -> None:
         lines.append(f"| {r['title']} | {metrics.format_ci(r['roc_auc'])} | "
                      + (f"{fold['mean']:.3f} ± {fold['sd']:.3f}" if fold else "-")
                      + f" | {r['balanced_accuracy']['value']:.3f} |")
-    lines += ["", f"**{report['conclusion']}**", "", "ROC curves: `skin_bias.png`.", ""]
+    lines += ["", f"**{report['conclusion']}**", "",
+              "View (c) blacks out the lesion's square (box + margin), so the lesion's position and size "
+              "still show; lesion size is itself a melanoma cue. ROC curves: `skin_bias.png`.", ""]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
