@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                           "note": "train split, ground-truth masks only; folds as stored in the records"}
     base_score, base_folds = logistic_baseline(data, folds)
     results["baseline"] = _entry(data.labels, base_score, base_folds, n_boot, seed,
-                                 model="StandardScaler + LogisticRegression(C=0.1, balanced) on 42 colour/shape features")
+                                 model="StandardScaler + LogisticRegression(C=0.1, balanced), "
+                                       "42 colour/shape features")
     curves = {"logistic regression": (data.labels, base_score)}
     if not args.baseline_only:
         model_dir = args.model_dir or ROOT / "runs/benchmark_cls" / name

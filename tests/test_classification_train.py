@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from melanoma_tf import build_tfrecords
 from melanoma_tf.configs import classification as configs
@@ -135,6 +136,27 @@ def test_writes_results_people_can_look_at(resumed_run):
     table = out["test"]["table_ii"]
     assert sum(sum(row.values()) for row in table.values()) == out["test"]["n"]
     assert configs.load_config(model_dir / "params.yaml").data.input_size == 99
+
+
+def test_rerun_of_a_finished_run_trains_nothing(resumed_run, records_2fold):
+    model_dir, out, _, _ = resumed_run
+    epochs = Epochs()
+    again = task.train(records_2fold, model_dir, config_files=["cls_tiny_test.yaml"], epochs=EPOCHS,
+                       callbacks=[epochs])
+    assert epochs.fits == []
+    assert again["test"]["metrics"]["roc_auc"] == out["test"]["metrics"]["roc_auc"]
+
+
+def test_trained_run_exports_for_serving(resumed_run, tmp_path):
+    from melanoma_tf.serving import export_classifier
+
+    model_dir, _, _, _ = resumed_run
+    export_dir = export_classifier.export(model_dir, tmp_path / "melanoma_classifier" / "1")
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    images = np.random.default_rng(3).integers(0, 256, (2, 99, 99, 3), dtype=np.uint8)
+    trained = keras.models.load_model(model_dir / "final_model.keras", compile=False)
+    np.testing.assert_allclose(serve(masked_image=tf.constant(images))["probabilities"].numpy(),
+                               trained.predict(images, verbose=0), atol=1e-5)
 
 
 def test_rerun_with_other_params_is_refused(resumed_run, records_2fold):

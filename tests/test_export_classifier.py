@@ -25,7 +25,8 @@ def run_and_export(tmp_path_factory) -> tuple[Path, Path]:
     params = task.resolve_params(params_override={"model": {"dense_units": [8]}})
     configs.save_config(params, model_dir / "params.yaml")
     model = task.build_model(params, training=True)
-    model.get_layer("normalization").adapt(np.random.default_rng(0).integers(0, 256, (4, 227, 227, 3)).astype("float32"))
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 227, 227, 3)).astype("float32")
+    model.get_layer("normalization").adapt(pixels)
     model.save(model_dir / "final_model.keras")
     export_dir = model_dir.parent / "exports" / "melanoma_classifier" / "1"
     export_classifier.export(model_dir, export_dir)

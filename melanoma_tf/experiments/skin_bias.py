@@ -10,7 +10,8 @@ chance (the 95% CI of its AUC lies above 0.5), something other than the lesion �
 acquisition site, rulers, vignetting, image resolution — carries label information, and a model
 trained on whole images may be learning it. Each view runs in its own folder, so a killed study
 resumes like any training run. AUCs are scored at each fold's last epoch (no selection on the
-held-out images).
+held-out images). View (c) still shows the size of the blacked-out square, and lesion size is a
+melanoma cue, so the report adds the AUC of that size alone as a control.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 from melanoma_tf.tasks import melanoma_classification as task
 
 VIEWS = {"whole": "(a) whole image", "lesion": "(b) masked lesion", "skin": "(c) skin only (lesion blacked out)"}
@@ -50,20 +53,24 @@ def run(data_dir: str | Path, output_dir: str | Path, experiment: str | None = N
         pooled = summary["pooled_last_epoch"]
         results[view] = {"title": title, "roc_auc": pooled["metrics"]["roc_auc"],
                          "balanced_accuracy": pooled["metrics"]["balanced_accuracy"],
-                         "fold_roc_auc": summary["mean_sd_last_epoch"]["roc_auc"] if summary["mean_sd_last_epoch"] else None,
+                         "fold_roc_auc": (summary["mean_sd_last_epoch"] or {}).get("roc_auc"),
                          "roc_auc_best_epoch": summary["pooled"]["metrics"]["roc_auc"], "run_dir": str(run_dir)}
         curves[title] = (np.array([p["label"] for p in cv["oof"]]),
                          np.array([p["melanoma_probability_last_epoch"] for p in cv["oof"]]))
-    skin_low = results["skin"]["roc_auc"]["ci95"][0]
-    biased = skin_low > 0.5
+        if view == "skin":
+            size_control = _size_control(data, params.training.seed)
+    skin = metrics.format_ci(results["skin"]["roc_auc"])
+    biased = results["skin"]["roc_auc"]["ci95"][0] > 0.5
     report = {
-        "images": int(len(image_ids)), "folds": params.training.folds, "views": results, "skin_bias": bool(biased),
+        "images": int(len(image_ids)), "folds": params.training.folds, "views": results,
+        "size_control": size_control, "skin_bias": bool(biased),
         "conclusion": (
-            f"The data has a skin bias: the skin alone gives AUC {metrics.format_ci(results['skin']['roc_auc'])}, "
-            "above chance; whole-image results are not evidence that the lesion was recognised."
+            f"The data has a skin bias: the skin alone gives AUC {skin}, above chance; whole-image results "
+            "are not evidence that the lesion was recognised. Lesion size alone (the blacked-out square's "
+            f"share of the frame, visible in view (c)) gives AUC {metrics.format_ci(size_control)}; where "
+            "(c) is not clearly above that, size rather than skin may explain it."
             if biased else
-            f"No evidence of a skin bias: the skin alone gives AUC {metrics.format_ci(results['skin']['roc_auc'])}, "
-            "whose 95% CI includes chance (0.5)."),
+            f"No evidence of a skin bias: the skin alone gives AUC {skin}, whose 95% CI includes chance (0.5)."),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics.write_json(output_dir / "skin_bias.json", report)
@@ -71,6 +78,14 @@ def run(data_dir: str | Path, output_dir: str | Path, experiment: str | None = N
     _write_markdown(output_dir / "skin_bias.md", report)
     print((output_dir / "skin_bias.md").read_text())
     return report
+
+
+def _size_control(skin_view: task.LesionSet, seed: int) -> dict:
+    """AUC of the black share of the skin-only image (the hidden square, i.e. the lesion's size):
+    what view (c) can learn without looking at any skin."""
+    black = (skin_view.images.max(-1) == 0).mean(axis=(1, 2))
+    low, high = bootstrap_ci(roc_auc_score, skin_view.labels, black, seed=seed, strata=skin_view.labels)
+    return {"value": float(roc_auc_score(skin_view.labels, black)), "ci95": [low, high]}
 
 
 def _write_markdown(path: Path, report: dict) -> None:
@@ -83,6 +98,8 @@ def _write_markdown(path: Path, report: dict) -> None:
         lines.append(f"| {r['title']} | {metrics.format_ci(r['roc_auc'])} | "
                      + (f"{fold['mean']:.3f} ± {fold['sd']:.3f}" if fold else "-")
                      + f" | {r['balanced_accuracy']['value']:.3f} |")
+    size = metrics.format_ci(report["size_control"])
+    lines.append(f"| control: size of the blacked-out square alone | {size} | - | - |")
     lines += ["", f"**{report['conclusion']}**", "",
               "View (c) blacks out the lesion's square (box + margin), so the lesion's position and size "
               "still show; lesion size is itself a melanoma cue. ROC curves: `skin_bias.png`.", ""]

@@ -80,15 +80,20 @@ def alexnet(input_shape: Sequence[int] = (227, 227, 3), num_classes: int = 2,
 
     normalization: 'mean_std' is a per-channel `Normalization` layer (mean 0, variance 1 until
     `adapt`ed on the training images), 'scale' maps [0, 255] to [0, 1].
-    Modern switches (off by default): batch_norm adds BatchNormalization between each conv and
-    its ReLU (moving-average momentum 0.9: runs here are a few hundred steps long, too few for
-    Keras's 0.99 to forget its initial statistics); global_pool replaces flatten by global average pooling (the 9216x1000 dense layer
-    holds 64% of the weights); kernel_initializer 'he_normal' suits ReLU better than Keras's
-    default Glorot; with it the hidden layers' outputs have a standard deviation of about 3, so
-    the softmax layer needs output_initializer 'zeros' (every image starts at p = 0.5) or the
-    first steps see a loss of 5 and knock the ReLUs dead. working_size: resize the input (bilinear, antialiased) to this square size
-    inside the model, so a network that computes at a lower resolution still takes the agreed
-    input size (at 131 the conv layers cost a third of 227's; the last pool is 3x3, not 6x6).
+
+    Switches, all off by default (the paper's network):
+    - kernel_initializer 'he_normal' suits ReLUs; Keras's default Glorot shrinks the signal so
+      much over 8 layers that every image gets the same output. With He, the hidden outputs have
+      a standard deviation of about 3, so output_initializer should be 'zeros' (every image
+      starts at p = 0.5); otherwise the first steps see a loss of 5 and knock the ReLUs dead.
+    - batch_norm adds BatchNormalization between each conv and its ReLU (moving-average
+      momentum 0.9: runs here last a few hundred steps, too few for Keras's 0.99 to forget its
+      initial statistics).
+    - global_pool replaces flatten by global average pooling (the 9216x1000 dense layer holds
+      64% of the paper network's weights).
+    - working_size resizes the input (bilinear, antialiased) to that square size inside the
+      model, so a network computing at a lower resolution still takes the agreed input size
+      (at 131 the conv layers cost a third of 227's, and the last pool is 3x3, not 6x6).
     augment: e.g. `augmentation()`, applied before normalisation; None for inference models.
     """
     inputs = keras.Input(tuple(input_shape), dtype="uint8", name=INPUT_NAME)
@@ -133,4 +138,8 @@ def inference_copy(model: keras.Model, **kwargs) -> keras.Model:
     for layer in clone.layers:
         if layer.weights:
             layer.set_weights(model.get_layer(layer.name).get_weights())
+            # An adapted Normalization computes with constants made from its variables by
+            # finalize_state (as on load); set_weights alone leaves it at mean 0, variance 1.
+            if isinstance(layer, layers.Normalization):
+                layer.finalize_state()
     return clone

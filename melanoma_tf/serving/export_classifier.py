@@ -79,7 +79,9 @@ def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
         trained = task.build_model(params, training=True)
         trained.load_weights(str(path))
     else:
-        trained = keras.models.load_model(path, compile=False)  # Keras 3.15 cannot re-compile AUC(label_weights)
+        # compile=False: Keras 3.15 cannot rebuild the saved AUC(label_weights) metric, and
+        # inference needs no optimizer or metrics anyway.
+        trained = keras.models.load_model(path, compile=False)
     return params, alexnet_lib.inference_copy(trained, **task.model_kwargs(params))
 
 

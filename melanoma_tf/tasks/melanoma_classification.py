@@ -140,8 +140,11 @@ def _training_data(data: LesionSet, params: configs.ClassificationExperiment):
     cfg, seed = params.data, params.training.seed
     steps = math.ceil(len(data) / cfg.batch_size)
     if cfg.imbalance == "balanced_sampling":
-        per_class = [tf.data.Dataset.from_tensor_slices((data.images[data.labels == c], _one_hot(data.labels[data.labels == c])))
-                     .shuffle(len(data), seed=seed).repeat() for c in (NEVUS, MELANOMA)]
+        per_class = []
+        for c in (NEVUS, MELANOMA):
+            rows = data.labels == c
+            per_class.append(tf.data.Dataset.from_tensor_slices((data.images[rows], _one_hot(data.labels[rows])))
+                             .shuffle(len(data), seed=seed).repeat())
         ds = tf.data.Dataset.sample_from_datasets(per_class, [0.5, 0.5], seed=seed)
         return ds.batch(cfg.batch_size).prefetch(2), steps, None
     ds = (tf.data.Dataset.from_tensor_slices((data.images, _one_hot(data.labels)))
@@ -399,7 +402,7 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
         final_path = model_dir / "final_model.keras"
         if final_path.exists():
             print("final model: done before, loaded")
-            model = keras.models.load_model(final_path, compile=False)  # Keras 3.15 cannot re-compile AUC(label_weights)
+            model = keras.models.load_model(final_path, compile=False)  # see export_classifier.load_trained
         else:
             stopped_early = best_epochs and t.early_stopping_patience
             epochs_final = t.final_epochs or (int(math.ceil(np.median(best_epochs))) if stopped_early else t.epochs)
