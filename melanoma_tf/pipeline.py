@@ -1,6 +1,6 @@
 """The main job: from images to a trained, exported, served and evaluated two-stage model.
 
-    python -m melanoma_tf.pipeline [--data-dir D] [--work-dir W] [--profile quick|paper]
+    python -m melanoma_tf.pipeline [--data-dir D] [--work-dir W] [--profile quick|cpu|paper]
 
 Without --data-dir it runs on the embedded default, a synthetic dermoscopy dataset generated
 into the work dir. Steps: build TFRecords -> train segmentation -> train classifier (with
@@ -14,6 +14,8 @@ continues where it stopped. Profiles:
 
 - quick: ResNet-18 FPN Mask R-CNN at 192 px (300 steps) and the paper's AlexNet trained with
   the tuned recipe, no cross-validation; about 10 minutes on a 2-core CPU.
+- cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu` ResNet-101 FPN at 256 px for 1446
+  steps (60 minutes of a 2-core CPU, benchmarks/segmentation.py) and the tuned AlexNet.
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.
 """
@@ -46,10 +48,12 @@ class Profile:
     seg_config_files: tuple[str, ...] = ()
     cls_config_files: tuple[str, ...] = ()
     cls_override: str = ""
+    seg_train_steps: int | None = None
 
 
 PROFILES = {
     "quick": Profile(seg_cfg.QUICK_EXPERIMENT, "melanoma_alexnet_tuned", cls_folds=0, cls_epochs=15),
+    "cpu": Profile(seg_cfg.CPU_EXPERIMENT, "melanoma_alexnet_tuned", cls_folds=0, seg_train_steps=1446),
     "paper": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=5),
     # Plumbing check for tests: the tiny test configs, a couple of minutes, learns nothing.
     "smoke": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=0,
@@ -84,11 +88,11 @@ class Steps:
         return result
 
 
-def run(data_dir: Path | None, work_dir: Path, profile: str = "quick") -> dict:
+def run(data_dir: Path | None, work_dir: Path, profile: str | Profile = "quick") -> dict:
     from melanoma_tf import build_tfrecords
     from melanoma_tf.data import synthetic
 
-    prof = PROFILES[profile]
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
     work_dir.mkdir(parents=True, exist_ok=True)
     steps = Steps(work_dir)
     records, exports = work_dir / "tfrecords", work_dir / "exports"
@@ -110,7 +114,8 @@ def run(data_dir: Path | None, work_dir: Path, profile: str = "quick") -> dict:
     def train_segmentation():
         from melanoma_tf.tasks import lesion_segmentation
 
-        lesion_segmentation.train(records, seg_dir, prof.seg_experiment, prof.seg_config_files)
+        lesion_segmentation.train(records, seg_dir, prof.seg_experiment, prof.seg_config_files,
+                                  train_steps=prof.seg_train_steps)
         return json.loads((seg_dir / lesion_segmentation.EVAL_METRICS_FILE).read_text())
 
     steps.run("segmentation", dataclasses.asdict(prof), train_segmentation)

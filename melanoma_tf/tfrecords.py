@@ -65,18 +65,38 @@ def make_example(*, image_id: str, source_id: int, encoded: bytes, image_format:
         "image/lesion/mask_source": _bytes([(mask_source if mask_png is not None else "none").encode()]),
     }
     if mask_png is not None:
-        ymin, xmin, ymax, xmax = box
-        f.update({
-            "image/object/bbox/ymin": _floats([ymin / height]),
-            "image/object/bbox/xmin": _floats([xmin / width]),
-            "image/object/bbox/ymax": _floats([ymax / height]),
-            "image/object/bbox/xmax": _floats([xmax / width]),
-            "image/object/class/label": _ints([1]),
-            "image/object/is_crowd": _ints([0]),
-            "image/object/area": _floats([float(area)]),
-            "image/object/mask": _bytes([mask_png]),
-        })
+        f.update(_mask_features(mask_png, box, area, height, width))
     return tf.train.Example(features=tf.train.Features(feature=f))
+
+
+def _mask_features(mask_png: bytes, box: tuple[int, int, int, int], area: int, height: int,
+                   width: int) -> dict[str, tf.train.Feature]:
+    ymin, xmin, ymax, xmax = box
+    return {
+        "image/object/bbox/ymin": _floats([ymin / height]),
+        "image/object/bbox/xmin": _floats([xmin / width]),
+        "image/object/bbox/ymax": _floats([ymax / height]),
+        "image/object/bbox/xmax": _floats([xmax / width]),
+        "image/object/class/label": _ints([1]),
+        "image/object/is_crowd": _ints([0]),
+        "image/object/area": _floats([float(area)]),
+        "image/object/mask": _bytes([mask_png]),
+    }
+
+
+def add_mask(example: tf.train.Example, mask_png: bytes, box: tuple[int, int, int, int], area: int,
+             mask_source: str) -> tf.train.Example:
+    """A copy of a mask-less record with a mask (e.g. one the segmenter predicted) filled in."""
+    out = tf.train.Example()
+    out.CopyFrom(example)
+    feature = out.features.feature
+    height = feature["image/height"].int64_list.value[0]
+    width = feature["image/width"].int64_list.value[0]
+    for key, value in _mask_features(mask_png, box, area, height, width).items():
+        feature[key].CopyFrom(value)
+    feature["image/lesion/has_mask"].CopyFrom(_ints([1]))
+    feature["image/lesion/mask_source"].CopyFrom(_bytes([mask_source.encode()]))
+    return out
 
 
 _LESION_FEATURES = {

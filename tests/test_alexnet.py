@@ -79,3 +79,23 @@ def test_inference_copy_drops_augmentation_and_keeps_the_weights():
     copy = alexnet_lib.inference_copy(model, input_shape=(99, 99, 3), dense_units=(8,))
     assert "augmentation" not in [layer.name for layer in copy.layers]
     np.testing.assert_allclose(copy.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_rotation_and_zoom_fill_with_the_masked_background():
+    augment = alexnet_lib.augmentation(flip=False, rot90=False, rotation=True, zoom=0.2, seed=4)
+    yy, xx = np.mgrid[:33, :33]
+    disc = ((yy - 16) ** 2 + (xx - 16) ** 2 <= 36)[..., None] * np.array([200.0, 120.0, 60.0])
+    images = np.repeat(disc[None].astype(np.float32), 8, axis=0)
+    np.testing.assert_array_equal(augment(images, training=False), images)
+    out = np.asarray(augment(images, training=True))
+    assert not np.allclose(out, images)
+    corners = out[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    np.testing.assert_array_equal(corners, 0.0)  # no lesion colour smeared into the background
+
+
+def test_inference_copy_keeps_an_adapted_normalization():
+    model = alexnet_lib.alexnet((99, 99, 3), dense_units=(8,), augment=alexnet_lib.augmentation(seed=0))
+    model.get_layer("normalization").adapt(np.random.default_rng(5).uniform(100, 140, (4, 99, 99, 3)))
+    images = np.random.default_rng(6).integers(100, 140, (2, 99, 99, 3), dtype=np.uint8)
+    copy = alexnet_lib.inference_copy(model, input_shape=(99, 99, 3), dense_units=(8,))
+    np.testing.assert_allclose(copy.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)

@@ -50,6 +50,8 @@ class AugmentationConfig(hyperparams.Config):
     rot90: bool = True
     brightness: float = 0.0
     contrast: float = 0.0
+    rotation: bool = False
+    zoom: float = 0.0
 
 
 @dataclasses.dataclass

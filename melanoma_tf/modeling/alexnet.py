@@ -54,15 +54,21 @@ class RandomRot90(layers.Layer):
 
 
 def augmentation(flip: bool = True, rot90: bool = True, brightness: float = 0.0,
-                 contrast: float = 0.0, seed: int | None = None) -> keras.Sequential:
+                 contrast: float = 0.0, rotation: bool = False, zoom: float = 0.0,
+                 seed: int | None = None) -> keras.Sequential:
     """Training-only augmentation of [0, 255] float images (Keras preprocessing layers are
     identities at inference). Brightness and contrast are off in the paper's setting because
-    lesion colour is the strongest melanoma cue."""
+    lesion colour is the strongest melanoma cue. rotation (any angle) and zoom (a fraction of
+    the side, in and out) fill with black, which is what surrounds a masked lesion anyway."""
     steps: list[layers.Layer] = []
     if flip:
         steps.append(layers.RandomFlip("horizontal_and_vertical", seed=seed))
     if rot90:
         steps.append(RandomRot90(seed=seed))
+    if rotation:
+        steps.append(layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, seed=seed))
+    if zoom:
+        steps.append(layers.RandomZoom(zoom, fill_mode="constant", fill_value=0.0, seed=seed))
     if brightness:
         steps.append(layers.RandomBrightness(brightness, value_range=(0, 255), seed=seed))
     if contrast:

@@ -169,9 +169,9 @@ def run(params: cfg.ExperimentConfig, model_dir: Path | str, mode: str = "train_
 
 
 def train(data_dir, model_dir, experiment=None, config_files=(), params_override="",
-          mode="train_and_eval"):
-    """`python -m melanoma_tf.train --stage seg` lands here."""
-    params = build_experiment(experiment, data_dir, config_files, params_override)
+          mode="train_and_eval", train_steps: int | None = None):
+    """`python -m melanoma_tf.train --stage seg` lands here (train_steps: see build_experiment)."""
+    params = build_experiment(experiment, data_dir, config_files, params_override, train_steps)
     run(params, model_dir, mode)
     metrics_file = Path(model_dir, EVAL_METRICS_FILE)
     if "eval" in mode and metrics_file.is_file():

@@ -99,7 +99,7 @@ def fold_indices(folds: np.ndarray, k: int, num_folds: int) -> tuple[np.ndarray,
 def build_model(params: configs.ClassificationExperiment, training: bool = True) -> keras.Model:
     """The configured AlexNet; with the training-only augmentation when `training`."""
     a = params.model.augmentation
-    augment = alexnet_lib.augmentation(a.flip, a.rot90, a.brightness, a.contrast,
+    augment = alexnet_lib.augmentation(a.flip, a.rot90, a.brightness, a.contrast, a.rotation, a.zoom,
                                        seed=params.training.seed) if training else None
     return alexnet_lib.alexnet(**model_kwargs(params), augment=augment)
 

@@ -1,0 +1,88 @@
+"""The whole pipeline on real ISIC images, within a stated CPU budget, scored on their test split.
+
+    python benchmarks/pipeline.py --data-dir ../shared/data/isic-sample \
+        [--profile cpu] [--seg-from benchmarks/.runs/segmentation-cpu-60min]
+
+Runs `melanoma_tf.pipeline` (records -> segmentation -> classifier -> export -> embedded server ->
+gRPC client on the test split -> evaluation and report) and prints the test-split figures next
+to the paper's and the classical baselines' (Otsu threshold segmentation on the same images;
+colour-and-shape logistic regression, from benchmarks/results/classification.json when present).
+
+The `cpu` profile's segmenter is the 60-minute run of benchmarks/segmentation.py (same experiment,
+same steps, same split): --seg-from copies that run's checkpoints into the work dir so the
+pipeline resumes at its last step instead of training the same network a second time.
+Results: benchmarks/results/pipeline-<data>-<profile>.json, the report in the work dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from melanoma_tf import pipeline, report  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
+    """Copies a finished segmentation run's latest checkpoint (with its `checkpoint` index)."""
+    index = seg_from / "checkpoint"
+    if not index.is_file():
+        raise FileNotFoundError(f"{seg_from}: no `checkpoint` file, not a Model Garden run folder")
+    latest = index.read_text().split('"')[1]  # model_checkpoint_path: "ckpt-N"
+    seg_dir.mkdir(parents=True, exist_ok=True)
+    for path in seg_from.glob(f"{latest}.*"):
+        if not (seg_dir / path.name).exists():
+            shutil.copy2(path, seg_dir / path.name)
+    shutil.copy2(index, seg_dir / "checkpoint")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
+    p.add_argument("--profile", choices=sorted(pipeline.PROFILES), default="cpu")
+    p.add_argument("--work-dir", type=Path, default=None, help="default benchmarks/.runs/pipeline-<data>-<profile>")
+    p.add_argument("--seg-from", type=Path, default=None,
+                   help="a finished segmentation run with this profile's settings, to reuse")
+    args = p.parse_args(argv)
+    name = f"pipeline-{args.data_dir.resolve().name}-{args.profile}"
+    work = args.work_dir or ROOT / "benchmarks" / ".runs" / name
+    if args.seg_from:
+        seed_segmentation(args.seg_from, work / "runs" / "seg")
+    start = time.time()
+    pipeline.run(args.data_dir, work, args.profile)
+    metrics = json.loads((work / "report" / "metrics.json").read_text())
+    steps = {m.stem: json.loads(m.read_text())["seconds"] for m in (work / ".steps").glob("*.json")}
+    result = {"data_dir": str(args.data_dir.resolve()), "profile": args.profile,
+              "settings": pipeline.PROFILES[args.profile].__dict__, "seg_from": str(args.seg_from or ""),
+              "wall_minutes_this_run": round((time.time() - start) / 60, 1), "step_seconds": steps,
+              "counts": metrics["counts"], "segmentation": metrics["segmentation"],
+              "segmentation_otsu": metrics["segmentation_otsu"], "classification": metrics["classification"],
+              "paper": report.PAPER, "report": str(work / "report" / "index.html")}
+    baseline = RESULTS / "classification.json"
+    if baseline.is_file():
+        result["logistic_regression_cv"] = json.loads(baseline.read_text())["baseline"]["pooled"]["roc_auc"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    seg, otsu, cls = result["segmentation"], result["segmentation_otsu"], result["classification"] or {}
+    print(f"\n{metrics['counts']['images']} test images of {args.data_dir}")
+    for key in ("jaccard", "threshold_jaccard", "dice", "detection_rate", "segmentation_precision"):
+        print(f"segmentation {key:24s} model {seg[key]['value']:.3f} {seg[key]['ci95']}   "
+              f"Otsu {otsu[key]['value']:.3f}")
+    for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "balanced_accuracy"):
+        if key in cls:
+            print(f"classification {key:22s} {cls[key]['value']:.3f} {cls[key]['ci95']}")
+    print(f"results: {RESULTS / f'{name}.json'}; report: {result['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
