@@ -32,7 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
-    """Copies a finished segmentation run's latest checkpoint (with its `checkpoint` index)."""
+    """Copies a finished segmentation run's latest checkpoint into seg_dir."""
     index = seg_from / "checkpoint"
     if not index.is_file():
         raise FileNotFoundError(f"{seg_from}: no `checkpoint` file, not a Model Garden run folder")
@@ -41,7 +41,9 @@ def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
     for path in seg_from.glob(f"{latest}.*"):
         if not (seg_dir / path.name).exists():
             shutil.copy2(path, seg_dir / path.name)
-    shutil.copy2(index, seg_dir / "checkpoint")
+    # An index naming only the copied checkpoint (the source's also lists older ones).
+    (seg_dir / "checkpoint").write_text(f'model_checkpoint_path: "{latest}"\n'
+                                        f'all_model_checkpoint_paths: "{latest}"\n')
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,7 @@ def plot() -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    otsu = None
+    otsu, longest = None, 0.0
     for profile in PROFILES:
         rows = sorted((json.loads(p.read_text()) for p in RESULTS.glob(f"segmentation-{profile}-*min.json")),
                       key=lambda r: r["budget_minutes"])
@@ -106,10 +106,11 @@ def plot() -> Path:
             ax.plot([r["budget_minutes"] for r in rows], [r["model"]["jaccard"] for r in rows], "o-",
                     label=f"{profile} ({rows[0]['backbone']}, {rows[0]['input_size'][0]}px)")
             otsu = rows[0]["otsu"]["jaccard"]
+            longest = max(longest, rows[-1]["budget_minutes"])
     if otsu is not None:
         ax.axhline(otsu, color="grey", ls="--", label="Otsu threshold")
     ax.set(xlabel="training budget (minutes of a 2-core CPU)", ylabel="mean Jaccard, test split",
-           title="Lesion segmentation on the ISIC sample", ylim=(0, 1))
+           title="Lesion segmentation on the ISIC sample", ylim=(0, 1), xlim=(0, longest * 1.1 or 1))
     ax.legend()
     out = RESULTS / "segmentation_budget.png"
     fig.tight_layout()

@@ -100,6 +100,20 @@ def test_training_writes_checkpoints_summaries_and_lesion_metrics(tiny_seg_run, 
     assert "mask_AP" in metrics and metrics["step"] == 4
 
 
+def test_rerun_after_the_last_step_still_evaluates(tiny_seg_run, synthetic_records, tmp_path):
+    """Killed during the final evaluation: the rerun trains nothing and evaluates."""
+    import shutil
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(tiny_seg_run, model_dir)
+    (model_dir / lesion_segmentation.EVAL_METRICS_FILE).unlink()
+    checkpoint = (model_dir / "ckpt-4.index").read_bytes()
+    lesion_segmentation.train(synthetic_records, model_dir, seg_cfg.PAPER_EXPERIMENT, [TINY])
+    assert json.loads((model_dir / lesion_segmentation.EVAL_METRICS_FILE).read_text())["step"] == 4
+    assert tf.train.latest_checkpoint(str(model_dir)).endswith("ckpt-4")
+    assert (model_dir / "ckpt-4.index").read_bytes() == checkpoint
+
+
 def _events_steps(directory: Path) -> list[list[int]]:
     from tensorflow.core.util import event_pb2
 

@@ -174,6 +174,10 @@ def train(data_dir, model_dir, experiment=None, config_files=(), params_override
     params = build_experiment(experiment, data_dir, config_files, params_override, train_steps)
     run(params, model_dir, mode)
     metrics_file = Path(model_dir, EVAL_METRICS_FILE)
+    if mode == "train_and_eval" and not metrics_file.is_file():
+        # Orbit evaluates only inside its training loop, so a run restarted after its last
+        # step (killed during the final evaluation) needs the evaluation on its own.
+        run(params, model_dir, "eval")
     if "eval" in mode and metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         print(json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("lesion_")}, indent=1))
