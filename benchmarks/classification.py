@@ -156,7 +156,16 @@ def main(argv: list[str] | None = None) -> int:
             oof = [r for r in csv.DictReader(f) if r["split"] == "train"]
         labels = np.array([int(r["label"]) for r in oof])
         score = np.array([float(r["melanoma_probability_last_epoch"]) for r in oof])
-        results.setdefault("variants", {})[name] = {
+        extra = {}
+        if list(params.data.mask_sources) != ["ground_truth"]:
+            # Also scored on the ground-truth-masked images alone: comparable with the other runs.
+            truth = set(task.read_lesions(args.records, "train", params.data.replace(
+                mask_sources=["ground_truth"], include_unmasked=False)).image_ids)
+            keep = np.array([r["image_id"] in truth for r in oof])
+            extra["pooled_last_epoch_ground_truth_masks"] = {
+                "images": int(keep.sum()),
+                "metrics": metrics.metrics_with_ci(labels[keep], score[keep], n=n_boot, seed=seed)}
+        results.setdefault("variants", {})[name] = {**extra,
             "experiment": args.experiment, "config_files": args.config_file, "params_override": override,
             "pooled": cv["pooled"]["metrics"], "mean_sd": cv["mean_sd"],
             "pooled_last_epoch": cv["pooled_last_epoch"]["metrics"], "mean_sd_last_epoch": cv["mean_sd_last_epoch"],
