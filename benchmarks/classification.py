@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(args.output.read_text()) if args.output.exists() else {}
     results["dataset"] = {"data_dir": str(args.data_dir), "records": str(args.records), "images": len(data),
                           "melanoma": int(data.labels.sum()), "folds": folds,
-                          "note": "train split, ground-truth masks only; folds as stored in the records"}
+                          "note": f"train split, mask sources {list(params.data.mask_sources)}; "
+                                  "folds as stored in the records"}
     base_score, base_folds = logistic_baseline(data, folds)
     results["baseline"] = _entry(data.labels, base_score, base_folds, n_boot, seed,
                                  model="StandardScaler + LogisticRegression(C=0.1, balanced), "
