@@ -33,10 +33,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
     """Copies a finished segmentation run's latest checkpoint into seg_dir."""
-    index = seg_from / "checkpoint"
-    if not index.is_file():
-        raise FileNotFoundError(f"{seg_from}: no `checkpoint` file, not a Model Garden run folder")
-    latest = index.read_text().split('"')[1]  # model_checkpoint_path: "ckpt-N"
+    import tensorflow as tf
+
+    prefix = tf.train.latest_checkpoint(str(seg_from))
+    if prefix is None:
+        raise FileNotFoundError(f"{seg_from}: no checkpoint, not a Model Garden run folder")
+    latest = Path(prefix).name
     seg_dir.mkdir(parents=True, exist_ok=True)
     for path in seg_from.glob(f"{latest}.*"):
         if not (seg_dir / path.name).exists():

@@ -88,11 +88,11 @@ class Steps:
         return result
 
 
-def run(data_dir: Path | None, work_dir: Path, profile: str | Profile = "quick") -> dict:
+def run(data_dir: Path | None, work_dir: Path, profile: str = "quick") -> dict:
     from melanoma_tf import build_tfrecords
     from melanoma_tf.data import synthetic
 
-    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    prof = PROFILES[profile]
     work_dir.mkdir(parents=True, exist_ok=True)
     steps = Steps(work_dir)
     records, exports = work_dir / "tfrecords", work_dir / "exports"
