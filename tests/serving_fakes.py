@@ -222,6 +222,18 @@ def lesion_image(height: int = 64, width: int = 64, seed: int = 0, lesion: bool 
     return image
 
 
+def chain_in_process(segmenter, classifier, data: bytes) -> dict:
+    """What the client should return for `data`: the two loaded SavedModels chained in-process
+    (the classifier runs on the segmenter's masked image whatever its status)."""
+    out = segmenter.signatures["serving_default"](image_bytes=tf.constant([data]))
+    height, width = out["image_size"].numpy()[0]
+    probability = classifier.signatures["serving_default"](
+        masked_image=out["masked_image"])["melanoma_probability"].numpy()[0]
+    return {"mask": out["lesion_mask"].numpy()[0, :height, :width],
+            "box": out["lesion_box"].numpy()[0], "score": out["lesion_score"].numpy()[0],
+            "probability": probability, "status": int(out["status"].numpy()[0])}
+
+
 def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")

@@ -61,17 +61,6 @@ def local(exports: Path):
     return segmenter, classifier
 
 
-def _expected(local, data: bytes):
-    segmenter, classifier = local
-    out = segmenter.signatures["serving_default"](image_bytes=tf.constant([data]))
-    height, width = out["image_size"].numpy()[0]
-    probability = classifier.signatures["serving_default"](
-        masked_image=out["masked_image"])["melanoma_probability"].numpy()[0]
-    return {"mask": out["lesion_mask"].numpy()[0, :height, :width],
-            "box": out["lesion_box"].numpy()[0], "score": out["lesion_score"].numpy()[0],
-            "probability": probability, "status": int(out["status"].numpy()[0])}
-
-
 def _png(image: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode=mode).save(buffer, format="PNG") if mode else \
@@ -84,7 +73,7 @@ def test_predict_path_bytes_and_array_match_in_process(client, local, tmp_path: 
     data = fakes.encode_png(image)
     path = tmp_path / "ISIC_0000001.png"
     path.write_bytes(data)
-    expected = _expected(local, data)
+    expected = fakes.chain_in_process(*local, data)
     for source, image_id in ((path, "ISIC_0000001"), (data, None), (image, None)):
         result = client.predict(source)
         assert result.image_id == image_id

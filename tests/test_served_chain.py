@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+import serving_fakes as fakes
 from melanoma_tf import masking
 from melanoma_tf.client import MelanomaClient
 from melanoma_tf.serving.server import start_server
@@ -31,22 +32,18 @@ def client(server):
         yield melanoma
 
 
-def _in_process(tiny_exports, data: bytes) -> dict:
-    segment = tf.saved_model.load(str(tiny_exports["lesion_segmenter"] / "1")).signatures["serving_default"]
-    classify = tf.saved_model.load(str(tiny_exports["melanoma_classifier"] / "1")).signatures["serving_default"]
-    out = segment(image_bytes=tf.constant([data]))
-    height, width = out["image_size"].numpy()[0]
-    return {"mask": out["lesion_mask"].numpy()[0, :height, :width], "box": out["lesion_box"].numpy()[0],
-            "score": float(out["lesion_score"].numpy()[0]), "status": int(out["status"].numpy()[0]),
-            "probability": float(classify(masked_image=out["masked_image"])["melanoma_probability"].numpy()[0])}
+@pytest.fixture(scope="module")
+def local(tiny_exports):
+    return tuple(tf.saved_model.load(str(tiny_exports[name] / "1"))
+                 for name in ("lesion_segmenter", "melanoma_classifier"))
 
 
-def test_grpc_chain_equals_the_savedmodels_in_process(client, tiny_exports, synthetic_dir: Path) -> None:
+def test_grpc_chain_equals_the_savedmodels_in_process(client, local, synthetic_dir: Path) -> None:
     paths = sorted((synthetic_dir / "images").iterdir())[:3]
     results = {r.image_id: r for r in client.predict_many(paths, concurrency=3)}
     assert sorted(results) == [p.stem for p in paths]
     for path in paths:
-        got, want = results[path.stem], _in_process(tiny_exports, path.read_bytes())
+        got, want = results[path.stem], fakes.chain_in_process(*local, path.read_bytes())
         assert got.error is None
         assert got.lesion_mask.shape == want["mask"].shape
         np.testing.assert_array_equal(got.lesion_mask, want["mask"])
@@ -61,7 +58,7 @@ def test_grpc_chain_equals_the_savedmodels_in_process(client, tiny_exports, synt
             assert got.status == "no_lesion" and np.isnan(got.melanoma_probability)
 
 
-def test_classifier_over_grpc_equals_in_process(server, tiny_exports, synthetic_dir: Path) -> None:
+def test_classifier_over_grpc_equals_in_process(server, local, synthetic_dir: Path) -> None:
     """The 4-step segmenter may find no lesion, and then the chain skips the classifier: call
     it directly too, with lesions masked by their ground-truth masks."""
     masks = sorted((synthetic_dir / "masks").iterdir())[:4]
@@ -77,8 +74,7 @@ def test_classifier_over_grpc_equals_in_process(server, tiny_exports, synthetic_
     request.inputs["masked_image"].CopyFrom(tf.make_tensor_proto(batch.numpy()))
     with grpc.insecure_channel(server.target) as channel:
         reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
-    classify = tf.saved_model.load(str(tiny_exports["melanoma_classifier"] / "1")).signatures["serving_default"]
-    want = classify(masked_image=batch)
+    want = local[1].signatures["serving_default"](masked_image=batch)
     assert reply.model_spec.version.value == 1
     np.testing.assert_allclose(tf.make_ndarray(reply.outputs["melanoma_probability"]),
                                want["melanoma_probability"].numpy(), atol=1e-6)
