@@ -29,35 +29,23 @@ from melanoma_tf.data import images
 PREDICTED = "predicted"
 
 
-def _batches(path: Path, batch_size: int):
-    batch = []
-    for raw in tf.data.TFRecordDataset(str(path)):
-        batch.append(tf.train.Example.FromString(raw.numpy()))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def fill_shard(source: Path, target: Path, segment, batch_size: int, progress: tqdm) -> dict[str, int]:
     """Writes `source`'s records to `target`, masks filled in where a lesion is found."""
     counts = {"predicted": 0, "no_lesion": 0}
     with tf.io.TFRecordWriter(str(target)) as writer:
-        for batch in _batches(source, batch_size):
+        for raw in tf.data.TFRecordDataset(str(source)).batch(batch_size):
+            batch = [tf.train.Example.FromString(r) for r in raw.numpy()]
             encoded = [e.features.feature["image/encoded"].bytes_list.value[0] for e in batch]
             out = segment(image_bytes=tf.constant(encoded))
             for example, mask, size, status in zip(batch, out["lesion_mask"].numpy(),
                                                    out["image_size"].numpy(), out["status"].numpy()):
-                if status != 0:
+                if status == 0:
+                    mask = mask[:size[0], :size[1]]
+                    example = tfrecords.add_mask(example, images.encode_mask_png(mask), images.mask_box(mask),
+                                                 int(mask.sum()), PREDICTED)
+                    counts["predicted"] += 1
+                else:
                     counts["no_lesion"] += 1
-                    writer.write(example.SerializeToString())
-                    continue
-                mask = mask[:size[0], :size[1]]
-                ymin, xmin, ymax, xmax = images.mask_box(mask)
-                example = tfrecords.add_mask(example, images.encode_mask_png(mask), (ymin, xmin, ymax, xmax),
-                                             int(mask.sum()), PREDICTED)
-                counts["predicted"] += 1
                 writer.write(example.SerializeToString())
             progress.update(len(batch))
     return counts
