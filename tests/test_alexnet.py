@@ -39,7 +39,7 @@ def test_paper_parameter_count(paper_model):
 
 
 def test_modern_switches_change_the_network():
-    modern = alexnet_lib.alexnet(batch_norm=True, global_pool=True, dense_units=(256,), dropout=0.3,
+    modern = alexnet_lib.alexnet(batch_norm=True, pooling="average", dense_units=(256,), dropout=0.3,
                                  kernel_initializer="he_normal")
     names = [layer.name for layer in modern.layers]
     assert "conv1_bn" in names and "avg_pool" in names and "flatten" not in names
@@ -99,3 +99,22 @@ def test_inference_copy_keeps_an_adapted_normalization():
     images = np.random.default_rng(6).integers(100, 140, (2, 99, 99, 3), dtype=np.uint8)
     copy = alexnet_lib.inference_copy(model, input_shape=(99, 99, 3), dense_units=(8,))
     np.testing.assert_allclose(copy.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_lesion_statistics_are_over_the_lesion_pixels_only():
+    rng = np.random.default_rng(7)
+    images = np.zeros((2, 40, 40, 3), np.float32)
+    images[0, 5:25, 8:30] = rng.uniform(20, 250, (20, 22, 3))
+    images[1, 10:14, 10:14] = rng.uniform(20, 250, (4, 4, 3))  # a small lesion: size must not matter
+    out = np.asarray(alexnet_lib.LesionStatistics()([images, images]))
+    for image, row in zip(images, out):
+        lesion = image[image.max(-1) > 0]
+        np.testing.assert_allclose(row[:3], lesion.mean(0), rtol=1e-3)
+        np.testing.assert_allclose(row[3:], lesion.std(0), rtol=1e-3, atol=1e-2)
+
+
+def test_lesion_stats_pooling_feeds_the_head_from_conv1_conv2_and_conv5():
+    model = alexnet_lib.alexnet((99, 99, 3), dense_units=(16,), batch_norm=True, pooling="lesion_stats")
+    assert model.get_layer("lesion_stats").output.shape[-1] == 2 * (96 + 256 + 256)
+    with pytest.raises(ValueError, match="pooling"):
+        alexnet_lib.alexnet((99, 99, 3), pooling="max")

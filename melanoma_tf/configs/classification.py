@@ -9,7 +9,8 @@ Profiles (5-fold CV on the ISIC sample in benchmarks/results/classification.json
   melanoma_alexnet_paper   the paper's network and training (the default); does not learn on CPU
   melanoma_alexnet_tuned   the paper's layers, trained so that they learn from a few hundred images
   melanoma_alexnet_modern  batch norm, global average pooling and a small head (not the paper's)
-Neither network beats a colour-and-shape logistic regression on this sample yet.
+  melanoma_alexnet_lesion_stats  the modern network pooling colour statistics over the lesion only
+No profile beats a colour-and-shape logistic regression on this sample yet.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ class AugmentationConfig(hyperparams.Config):
 @dataclasses.dataclass
 class ModelConfig(hyperparams.Config):
     """`modeling.alexnet.alexnet` arguments; the defaults are the paper's network.
-    working_size: 0 computes at data.input_size; else the model resizes its input to this size."""
+    working_size: 0 computes at data.input_size; else the model resizes its input to this size.
+    pooling: 'flatten' (the paper), 'average' (global average) or 'lesion_stats'."""
     num_classes: int = 2
     working_size: int = 0
     dense_units: List[int] = dataclasses.field(default_factory=lambda: [1000, 1000, 500])
     dropout: float = 0.6
     batch_norm: bool = False
-    global_pool: bool = False
+    pooling: str = "flatten"
     kernel_initializer: str = "glorot_uniform"
     output_initializer: str = "glorot_uniform"
     normalization: str = "mean_std"
@@ -124,6 +126,7 @@ class ClassificationExperiment(hyperparams.Config):
             "data.view": (self.data.view, ("lesion", "whole", "skin")),
             "data.imbalance": (self.data.imbalance, ("class_weight", "balanced_sampling", "none")),
             "model.normalization": (self.model.normalization, ("mean_std", "scale")),
+            "model.pooling": (self.model.pooling, ("flatten", "average", "lesion_stats")),
             "optimizer.type": (self.optimizer.type, ("sgd", "adamw")),
             "optimizer.schedule": (self.optimizer.schedule, ("constant", "cosine")),
         }
@@ -172,9 +175,22 @@ def melanoma_alexnet_modern() -> ClassificationExperiment:
     within 30 epochs (5-fold CV AUC 0.60 at the last epoch)."""
     exp = melanoma_alexnet_tuned()
     exp.override({
-        "model": {"batch_norm": True, "global_pool": True, "dense_units": [256], "dropout": 0.3},
+        "model": {"batch_norm": True, "pooling": "average", "dense_units": [256], "dropout": 0.3},
         "optimizer": {"learning_rate": 0.01},
     })
+    return exp
+
+
+@exp_factory.register_config_factory("melanoma_alexnet_lesion_stats")
+def melanoma_alexnet_lesion_stats() -> ClassificationExperiment:
+    """The modern network, pooling over the lesion instead of the frame: the mean and standard
+    deviation of every conv1, conv2 and conv5 channel over the lesion's pixels (`pooling:
+    lesion_stats`) feed the 256-unit head. Global average pooling counts the black surround
+    too, so every feature also encodes the lesion's size; colour statistics over the lesion
+    alone are what the logistic-regression baseline is built on. Measured: 5-fold CV AUC 0.62
+    at the last epoch, no better than the modern network's 0.60."""
+    exp = melanoma_alexnet_modern()
+    exp.override({"model": {"pooling": "lesion_stats"}})
     return exp
 
 

@@ -161,7 +161,7 @@ def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None
     """Writes a SavedModel of the checkpoint (default: latest in model_dir) to `export_dir`
     (a numeric version folder), atomically, with TF Serving warm-up requests."""
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    params = _read_params(model_dir)
+    params = read_params(model_dir)
     checkpoint = checkpoint or tf.train.latest_checkpoint(str(model_dir))
     if checkpoint is None:
         raise FileNotFoundError(f"{model_dir}: no checkpoint to export")
@@ -181,7 +181,7 @@ def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None
     return export_dir
 
 
-def _read_params(model_dir: Path) -> cfg.ExperimentConfig:
+def read_params(model_dir: Path) -> cfg.ExperimentConfig:
     params_file = model_dir / "params.yaml"
     if not params_file.is_file():
         raise FileNotFoundError(f"{params_file}: missing; was {model_dir} made by `train --stage seg`?")

@@ -32,6 +32,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from melanoma_tf import masking, tfrecords
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.evaluation import tta as tta_lib
 from melanoma_tf.modeling import alexnet as alexnet_lib
 
 NEVUS, MELANOMA = 0, 1
@@ -108,20 +109,26 @@ def model_kwargs(params: configs.ClassificationExperiment) -> dict:
     m = params.model
     return dict(input_shape=(params.data.input_size, params.data.input_size, 3), num_classes=m.num_classes,
                 dense_units=tuple(m.dense_units), dropout=m.dropout, batch_norm=m.batch_norm,
-                global_pool=m.global_pool, kernel_initializer=m.kernel_initializer,
+                pooling=m.pooling, kernel_initializer=m.kernel_initializer,
                 output_initializer=m.output_initializer,
                 normalization=m.normalization, working_size=m.working_size or None)
 
 
-def build_optimizer(opt: configs.OptimizerConfig, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
-    """SGD with momentum or AdamW; linear warmup, then constant or cosine decay to 0."""
+def learning_rate_schedule(opt: configs.OptimizerConfig, steps_per_epoch: int,
+                           epochs: int) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warmup, then constant or cosine decay reaching 0 exactly after the last epoch."""
     warmup = round(opt.warmup_epochs * steps_per_epoch)
     decay = max(epochs * steps_per_epoch - warmup, 1)
-    lr = keras.optimizers.schedules.CosineDecay(
+    return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else opt.learning_rate, decay_steps=decay,
         alpha=1.0 if opt.schedule == "constant" else 0.0,
         warmup_target=opt.learning_rate if warmup else None, warmup_steps=warmup)
-    common = dict(learning_rate=lr, weight_decay=opt.weight_decay or None, clipnorm=opt.clipnorm)
+
+
+def build_optimizer(opt: configs.OptimizerConfig, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
+    """SGD with momentum or AdamW on `learning_rate_schedule`."""
+    common = dict(learning_rate=learning_rate_schedule(opt, steps_per_epoch, epochs),
+                  weight_decay=opt.weight_decay or None, clipnorm=opt.clipnorm)
     if opt.type == "sgd":
         optimizer = keras.optimizers.SGD(momentum=opt.momentum, nesterov=opt.nesterov, **common)
     else:
@@ -239,12 +246,10 @@ def fit(train: LesionSet, val: LesionSet | None, params: configs.ClassificationE
 
 def predict(model: keras.Model, images: np.ndarray, tta: bool = False, batch_size: int = 64) -> np.ndarray:
     """Melanoma probabilities [N]; with tta, the mean over the 8 flips/rotations of each image."""
-    if not tta:
-        return model.predict(images, batch_size=batch_size, verbose=0)[:, MELANOMA]
-    views = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
-    views += [v[:, :, ::-1] for v in views]
-    return np.mean([model.predict(np.ascontiguousarray(v), batch_size=batch_size, verbose=0)[:, MELANOMA]
-                    for v in views], axis=0)
+    def melanoma(x: np.ndarray) -> np.ndarray:
+        return model.predict(x, batch_size=batch_size, verbose=0)[:, MELANOMA]
+
+    return tta_lib.average(melanoma, images) if tta else melanoma(images)
 
 
 def _fold_metrics(labels: np.ndarray, score: np.ndarray, threshold: float) -> dict | None:
