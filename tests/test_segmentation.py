@@ -85,6 +85,23 @@ def test_one_train_step_lowers_the_loss_on_a_fixed_batch(synthetic_records):
     assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [seg_cfg.PAPER_EXPERIMENT, seg_cfg.CPU_EXPERIMENT, seg_cfg.QUICK_EXPERIMENT])
+def test_profile_trains_one_step(name, synthetic_records):
+    # The profile's own model, input size and optimizer; one image per batch keeps it quick.
+    params = lesion_segmentation.build_experiment(name, synthetic_records,
+                                                  params_override="task.train_data.global_batch_size=1")
+    task = task_factory.get_task(params.task)
+    model = task.build_model()
+    optimizer = task.create_optimizer(params.trainer.optimizer_config, params.runtime)
+    batch = next(iter(task.build_inputs(params.task.train_data)))
+    assert batch[0].shape[1:3] == params.task.model.input_size[:2]
+    before = [v.numpy() for v in model.trainable_variables[:3]]
+    logs = task.train_step(batch, model, optimizer)
+    assert np.isfinite(float(logs["loss"])) and int(optimizer.iterations) == 1
+    assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables[:3]))
+
+
 def test_training_writes_checkpoints_summaries_and_lesion_metrics(tiny_seg_run, synthetic_records):
     assert tf.train.latest_checkpoint(str(tiny_seg_run)).endswith("ckpt-4")
     assert list((tiny_seg_run / "train").glob("events.out.tfevents.*"))
