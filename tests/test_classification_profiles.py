@@ -1,4 +1,4 @@
-"""Every registered classifier profile builds and trains one step; schedules end at the budget."""
+"""Every registered classifier profile builds and trains (a few steps); schedules end at the budget."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def masked_lesions() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", PROFILES)
-def test_profile_builds_and_trains_one_step(name, masked_lesions):
+def test_profile_builds_and_trains(name, masked_lesions):
     images, labels = masked_lesions
     params = configs.build_config(name)
     keras.utils.set_random_seed(0)
