@@ -34,12 +34,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def _version_dir(path: Path) -> Path:
     """Accept a SavedModel folder or a base path holding integer version folders."""
+    from melanoma_tf.serving import model_registry
+
     if (path / "saved_model.pb").exists():
         return path
-    versions = sorted((p for p in path.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    versions = model_registry.versions_on_disk(str(path))
     if not versions:
         raise SystemExit(f"{path}: no saved_model.pb and no version folders")
-    return versions[-1]
+    return Path(versions[max(versions)])
 
 
 def _load_images(directory: Path | None, count: int) -> list[bytes]:

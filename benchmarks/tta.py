@@ -33,16 +33,18 @@ from melanoma_tf.data.images import load_mask  # noqa: E402
 from melanoma_tf.evaluation import classification as cls_metrics  # noqa: E402
 from melanoma_tf.evaluation import segmentation as seg_metrics  # noqa: E402
 from melanoma_tf.evaluation import tta  # noqa: E402
+from melanoma_tf.serving import model_registry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUN = ROOT / "benchmarks" / ".runs" / "pipeline-isic-sample-cpu"
 
 
 def latest_version(model_dir: Path) -> Path:
-    versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    """The newest version folder, as the server sees them."""
+    versions = model_registry.versions_on_disk(str(model_dir))
     if not versions:
-        raise FileNotFoundError(f"{model_dir}: no numeric version folder")
-    return versions[-1]
+        raise FileNotFoundError(f"{model_dir}: no numeric version folder holding a SavedModel")
+    return Path(versions[max(versions)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ class _Model:
         return sorted(v for v, entry in self.versions.items() if entry.state == State.AVAILABLE)
 
 
-def _versions_on_disk(base_path: str) -> dict[int, str]:
+def versions_on_disk(base_path: str) -> dict[int, str]:
     """Integer-named sub-folders that already contain a SavedModel."""
     found: dict[int, str] = {}
     try:
@@ -316,7 +316,7 @@ class ModelRegistry:
             self._sync(model)
 
     def _sync(self, model: _Model) -> None:
-        on_disk = _versions_on_disk(model.base_path)
+        on_disk = versions_on_disk(model.base_path)
         aspired = _aspired(model.config, set(on_disk))
         for version in sorted(aspired, reverse=True):
             entry = model.versions.get(version)
