@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from melanoma_tf import build_tfrecords  # noqa: E402
 from melanoma_tf.evaluation import classification as metrics  # noqa: E402
-from melanoma_tf.modeling import segmentation_features  # noqa: E402
+from melanoma_tf.modeling import lesion_descriptors, segmentation_features  # noqa: E402
 from melanoma_tf.tasks import melanoma_classification as task  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,6 +71,8 @@ def lesion_features(image: np.ndarray) -> np.ndarray:
 
 
 BASELINE = "StandardScaler + LogisticRegression(C=0.1, balanced), 42 colour/shape features"
+DESCRIPTOR_BASELINE = ("the same regression on the 23 in-graph descriptors of model.descriptors "
+                       "(modeling/lesion_descriptors.py): what the hybrid network's head starts from")
 SEGMENTATION_HEAD = ("StandardScaler + LogisticRegressionCV(balanced, C in 1e-5..1e-1 chosen by inner 5-fold "
                      "AUC), lesion-averaged C3-C5 features of the frozen segmentation ResNet")
 
@@ -104,7 +106,9 @@ def print_table(results: dict) -> None:
     cols = ("AUC last [95% CI]", "AUC best [95% CI]", "fold AUC", "sens", "spec", "bal.acc",
             "sens@90sp", "test AUC", "min")
     rows = []
-    for name, r in [("logistic regression (colour+shape)", results.get("baseline"))] + sorted(
+    baseline = results.get("baseline") or {}
+    for name, r in [("logistic regression (colour+shape)", baseline),
+                    ("logistic regression (in-graph descriptors)", baseline.get("descriptors_only"))] + sorted(
             results.get("variants", {}).items(), key=lambda kv: kv[1].get("finished", "")):
         if not r:
             continue
@@ -156,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                "note": f"train split, mask sources {list(params.data.mask_sources)}; folds as stored in the records"}
     base_score, base_folds = logistic_cv(np.stack([lesion_features(im) for im in data.images]), data, folds)
     baseline = _entry(data.labels, base_score, base_folds, n_boot, seed, model=BASELINE)
+    described = np.concatenate([lesion_descriptors.LesionDescriptors()(data.images[i:i + 64]).numpy()
+                                for i in range(0, len(data), 64)])
+    desc_score, desc_folds = logistic_cv(described, data, folds)
+    baseline["descriptors_only"] = _entry(data.labels, desc_score, desc_folds, n_boot, seed, model=DESCRIPTOR_BASELINE)
     variants = {}
     curves = {"logistic regression": (data.labels, base_score)}
     if args.segmentation_features:

@@ -13,7 +13,7 @@ from melanoma_tf.masking import mask_lesion
 from melanoma_tf.tasks import melanoma_classification as task
 
 PROFILES = ["melanoma_alexnet_paper", "melanoma_alexnet_tuned", "melanoma_alexnet_modern",
-            "melanoma_alexnet_lesion_stats"]
+            "melanoma_alexnet_lesion_stats", "melanoma_alexnet_hybrid"]
 
 
 def test_every_registered_profile_is_listed_here():
@@ -38,6 +38,7 @@ def test_profile_builds_and_trains(name, masked_lesions):
     params = configs.build_config(name)
     keras.utils.set_random_seed(0)
     model = task.build_model(params, training=True)
+    task.adapt_normalization(model, images)  # as `fit` does
     model.compile(optimizer=task.build_optimizer(params.optimizer, steps_per_epoch=1, epochs=params.training.epochs),
                   loss=keras.losses.BinaryCrossentropy())
     before = {v.path: np.array(v) for v in model.trainable_variables}

@@ -17,18 +17,18 @@ from melanoma_tf.tasks import melanoma_classification as task
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run_and_export(tmp_path_factory) -> tuple[Path, Path]:
+@pytest.fixture(scope="module", params=[False, True], ids=["paper", "descriptors"])
+def run_and_export(request, tmp_path_factory) -> tuple[Path, Path]:
     """A run folder as `train` leaves it (params.yaml + final_model.keras), untrained: the paper's
-    227x227 network with an 8-unit head, so that saving and exporting take seconds."""
+    227x227 network with an 8-unit head, so that saving and exporting take seconds; and the same
+    with the lesion descriptors, whose graph ops the SavedModel must carry too."""
     model_dir = tmp_path_factory.mktemp("cls_run")
-    params = task.resolve_params(params_override={"model": {"dense_units": [8]}})
+    params = task.resolve_params(params_override={"model": {"dense_units": [8], "descriptors": request.param}})
     configs.save_config(params, model_dir / "params.yaml")
     model = task.build_model(params, training=True)
-    pixels = np.random.default_rng(0).integers(0, 256, (4, 227, 227, 3)).astype("float32")
-    model.get_layer("normalization").adapt(pixels)
+    task.adapt_normalization(model, np.random.default_rng(0).integers(0, 256, (4, 227, 227, 3), dtype=np.uint8))
     model.save(model_dir / "final_model.keras")
-    export_dir = model_dir.parent / "exports" / "melanoma_classifier" / "1"
+    export_dir = tmp_path_factory.mktemp("exports") / "melanoma_classifier" / "1"
     export_classifier.export(model_dir, export_dir)
     return model_dir, export_dir
 

@@ -111,7 +111,19 @@ def model_kwargs(params: configs.ClassificationExperiment) -> dict:
                 dense_units=tuple(m.dense_units), dropout=m.dropout, batch_norm=m.batch_norm,
                 pooling=m.pooling, kernel_initializer=m.kernel_initializer,
                 output_initializer=m.output_initializer,
-                normalization=m.normalization, working_size=m.working_size or None)
+                normalization=m.normalization, working_size=m.working_size or None,
+                descriptors=m.descriptors, descriptors_scale=m.descriptors_scale)
+
+
+def adapt_normalization(model: keras.Model, images: np.ndarray) -> None:
+    """Sets the model's Normalization layers to the mean and variance of the training images'
+    pixels and, with model.descriptors, of their lesion descriptors."""
+    pixels = tf.data.Dataset.from_tensor_slices(images).batch(64).map(lambda x: tf.cast(x, tf.float32))
+    names = {layer.name for layer in model.layers}
+    if "normalization" in names and isinstance(model.get_layer("normalization"), keras.layers.Normalization):
+        model.get_layer("normalization").adapt(pixels)
+    if "descriptors_normalization" in names:
+        model.get_layer("descriptors_normalization").adapt(pixels.map(model.get_layer("lesion_descriptors")))
 
 
 def learning_rate_schedule(opt: configs.OptimizerConfig, steps_per_epoch: int,
@@ -211,9 +223,7 @@ def fit(train: LesionSet, val: LesionSet | None, params: configs.ClassificationE
     past = _resume_state(run_dir)
     keras.utils.set_random_seed(params.training.seed)
     model = build_model(params, training=True)
-    if params.model.normalization == "mean_std":
-        model.get_layer("normalization").adapt(
-            tf.data.Dataset.from_tensor_slices(train.images).batch(64).map(lambda x: tf.cast(x, tf.float32)))
+    adapt_normalization(model, train.images)
     ds, steps, class_weight = _training_data(train, params)
     model.compile(
         optimizer=build_optimizer(params.optimizer, steps or math.ceil(len(train) / params.data.batch_size), epochs),
