@@ -15,7 +15,8 @@ continues where it stopped. Profiles:
 - quick: ResNet-18 FPN Mask R-CNN at 192 px (300 steps) and the paper's AlexNet trained with
   the tuned recipe, no cross-validation; about 10 minutes on a 2-core CPU.
 - cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu` ResNet-101 FPN at 256 px for 1446
-  steps (60 minutes of a 2-core CPU, benchmarks/segmentation.py) and the tuned AlexNet.
+  steps (60 minutes of a 2-core CPU, benchmarks/segmentation.py) and the hybrid AlexNet
+  (`melanoma_alexnet_hybrid`: the tuned network plus the lesion's colour/shape descriptors).
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.
 """
@@ -53,7 +54,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(seg_cfg.QUICK_EXPERIMENT, "melanoma_alexnet_tuned", cls_folds=0, cls_epochs=15),
-    "cpu": Profile(seg_cfg.CPU_EXPERIMENT, "melanoma_alexnet_tuned", cls_folds=0, seg_train_steps=1446),
+    "cpu": Profile(seg_cfg.CPU_EXPERIMENT, "melanoma_alexnet_hybrid", cls_folds=0, seg_train_steps=1446),
     "paper": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=5),
     # Plumbing check for tests: the tiny test configs, a couple of minutes, learns nothing.
     "smoke": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=0,
