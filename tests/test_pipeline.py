@@ -40,6 +40,18 @@ def test_rerun_skips_finished_steps(smoke_work, synthetic_dir, capsys):
         assert f"[{step}] up to date, skipped" in out
 
 
+def test_exporting_again_adds_the_next_version(smoke_work, synthetic_dir):
+    """As after retraining: the old versions stay as they are, the new models become version 2."""
+    work, _ = smoke_work
+    for step in ("export", "evaluate"):
+        (work / ".steps" / f"{step}.json").unlink()
+    pipeline.run(synthetic_dir, work, profile="smoke")
+    exported = json.loads((work / ".steps" / "export.json").read_text())["result"]
+    for name in ("lesion_segmenter", "melanoma_classifier"):
+        assert sorted(p.name for p in (work / "exports" / name).iterdir()) == ["1", "2"]
+        assert Path(exported[name]) == work / "exports" / name / "2"
+
+
 def test_walkthrough_notebook_executes(smoke_work, synthetic_dir, monkeypatch, tmp_path):
     """The notebook on the smoke run's work dir (its steps are done, so it only shows them)."""
     work, _ = smoke_work

@@ -223,3 +223,11 @@ def test_export_has_warmup_requests_that_it_answers(seg_export):
     images = tf.make_ndarray(requests[0].inputs["image_bytes"])
     out = model.signatures["serving_default"](image_bytes=tf.constant(images))
     assert out["status"].numpy()[0] in (0, 1)
+
+
+def test_export_never_overwrites_a_version(seg_export, tiny_seg_run):
+    """TF Serving versions are immutable: a server may be serving this one."""
+    before = sorted(str(p) for p in seg_export.rglob("*"))
+    with pytest.raises(FileExistsError, match=str(seg_export)):
+        export_segmenter.export(tiny_seg_run, seg_export)
+    assert sorted(str(p) for p in seg_export.rglob("*")) == before

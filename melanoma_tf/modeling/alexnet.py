@@ -180,7 +180,7 @@ def alexnet(input_shape: Sequence[int] = (227, 227, 3), num_classes: int = 2,
             x = layers.Dropout(dropout, name=f"fc{i + 1}_dropout")(x)
     if descriptors:
         described = lesion_descriptors.LesionDescriptors(name="lesion_descriptors")(inputs)
-        # Not batch norm: its batch statistics cost a linear model on these 0.08 AUC.
+        # Not batch norm: with its batch statistics a linear model on these lost 0.08 AUC.
         described = layers.Normalization(axis=-1, name="descriptors_normalization")(described)
         if descriptors_scale != 1.0:
             described = layers.Rescaling(descriptors_scale, name="descriptors_scale")(described)

@@ -161,6 +161,8 @@ def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None
     """Writes a SavedModel of the checkpoint (default: latest in model_dir) to `export_dir`
     (a numeric version folder), atomically, with TF Serving warm-up requests."""
     model_dir, export_dir = Path(model_dir), Path(export_dir)
+    if export_dir.exists():
+        raise FileExistsError(f"{export_dir} exists: TF Serving versions are immutable, export a new version")
     params = read_params(model_dir)
     checkpoint = checkpoint or tf.train.latest_checkpoint(str(model_dir))
     if checkpoint is None:
@@ -173,8 +175,6 @@ def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None
                            checkpoint_path=checkpoint, timestamped=False)
         warmup.write_warmup_requests(tmp, MODEL_NAME, {"image_bytes": np.array([_warmup_image()])})
         export_dir.parent.mkdir(parents=True, exist_ok=True)
-        if export_dir.exists():
-            shutil.rmtree(export_dir)
         os.replace(tmp, export_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
