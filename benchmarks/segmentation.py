@@ -68,8 +68,8 @@ def otsu_baseline(records: Path) -> dict[str, float]:
 
 
 def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, overrides: str,
-        train_steps: int | None = None) -> dict:
-    per_step = cpu_seconds_per_step(
+        train_steps: int | None = None, per_step: float | None = None) -> dict:
+    per_step = per_step or cpu_seconds_per_step(
         lesion_segmentation.build_experiment(PROFILES[profile], records, (), overrides))
     steps = train_steps or max(10, int(budget_minutes * 60 * CORES / per_step))
     print(f"{profile}: {per_step:.1f} CPU-s/step -> {steps} steps in {budget_minutes} min x {CORES} cores")
@@ -128,6 +128,8 @@ def main() -> None:
     p.add_argument("--params-override", default="")
     p.add_argument("--train-steps", type=int, default=None,
                    help="fix the step count (e.g. to resume an interrupted run from its checkpoints)")
+    p.add_argument("--cpu-seconds-per-step", type=float, default=None,
+                   help="skip the probe and use this cost, e.g. from an earlier run's JSON of the same profile")
     p.add_argument("--plot", action="store_true", help="only redraw the chart from saved results")
     args = p.parse_args()
     if args.plot:
@@ -137,7 +139,7 @@ def main() -> None:
     name = f"segmentation-{args.profile}-{args.budget_minutes:g}min"
     model_dir = args.model_dir or HERE / ".runs" / name
     result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override,
-                 args.train_steps)
+                 args.train_steps, args.cpu_seconds_per_step)
     result["otsu"] = otsu_baseline(records)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -38,10 +38,10 @@ def _version_dir(path: Path) -> Path:
 
     if (path / "saved_model.pb").exists():
         return path
-    versions = model_registry.versions_on_disk(str(path))
-    if not versions:
-        raise SystemExit(f"{path}: no saved_model.pb and no version folders")
-    return Path(versions[max(versions)])
+    try:
+        return Path(model_registry.newest_version(str(path)))
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e} (and no saved_model.pb in it)") from None
 
 
 def _load_images(directory: Path | None, count: int) -> list[bytes]:

@@ -39,14 +39,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUN = ROOT / "benchmarks" / ".runs" / "pipeline-isic-sample-cpu"
 
 
-def latest_version(model_dir: Path) -> Path:
-    """The newest version folder, as the server sees them."""
-    versions = model_registry.versions_on_disk(str(model_dir))
-    if not versions:
-        raise FileNotFoundError(f"{model_dir}: no numeric version folder holding a SavedModel")
-    return Path(versions[max(versions)])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
@@ -59,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     test_ids = set(json.loads((args.records / "manifest.json").read_text())["splits"]["test"])
     items, _ = isic.read_dataset(args.data_dir)
     items = [i for i in items if i.image_id in test_ids][:args.limit]
-    seg_path, cls_path = latest_version(args.exports / "lesion_segmenter"), latest_version(args.exports / "melanoma_classifier")
+    seg_path, cls_path = (Path(model_registry.newest_version(str(args.exports / name)))
+                          for name in ("lesion_segmenter", "melanoma_classifier"))
     segment = tf.saved_model.load(str(seg_path)).signatures["serving_image_tensor"]
     classify = tf.saved_model.load(str(cls_path)).signatures["serving_default"]
     size = int(classify.structured_input_signature[1]["masked_image"].shape[1])

@@ -132,12 +132,8 @@ def run(data_dir: Path | None, work_dir: Path, profile: str = "quick") -> dict:
 
     def export_both():
         from melanoma_tf.serving import export_classifier, export_segmenter, model_registry
-
-        def next_version(name: str) -> Path:
-            return exports / name / str(max(model_registry.versions_on_disk(str(exports / name)), default=0) + 1)
-
         # Versions are immutable: a retrained model becomes the next version, which the server serves.
-        paths = {name: next_version(name) for name in (SEG_MODEL, CLS_MODEL)}
+        paths = {name: Path(model_registry.next_version(str(exports / name))) for name in (SEG_MODEL, CLS_MODEL)}
         export_segmenter.export(seg_dir, paths[SEG_MODEL])
         export_classifier.export(cls_dir, paths[CLS_MODEL])
         return {name: str(path) for name, path in paths.items()}

@@ -21,6 +21,12 @@ def test_every_registered_profile_is_listed_here():
     assert registered == set(PROFILES)
 
 
+def test_paper_yaml_writes_out_the_paper_profile():
+    """cls_paper.yaml claims to document the profile: every value it sets is the profile's."""
+    from_yaml = task.resolve_params(configs.DEFAULT_EXPERIMENT, config_files=["cls_paper.yaml"])
+    assert from_yaml.as_dict() == task.resolve_params(configs.DEFAULT_EXPERIMENT).as_dict()
+
+
 @pytest.fixture(scope="module")
 def masked_lesions() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)

@@ -390,6 +390,22 @@ def test_version_policies() -> None:
     model.model_version_policy.specific.versions[:] = [1, 4]
     assert _aspired(model, {1, 2, 3}) == {1}
 
+def test_newest_and_next_version_count_only_saved_models(tmp_path: Path) -> None:
+    from melanoma_tf.serving.model_registry import newest_version, next_version
+
+    base = tmp_path / "model"
+    with pytest.raises(FileNotFoundError, match="no integer-named version folder"):
+        newest_version(str(base))
+    assert next_version(str(base)) == str(base / "1")
+    for version in (2, 10):
+        (base / str(version)).mkdir(parents=True)
+        (base / str(version) / "saved_model.pb").write_bytes(b"")
+    (base / "11").mkdir()  # a failed copy, no saved_model.pb: never served, never overwritten
+    (base / "tmp-20").mkdir()
+    assert newest_version(str(base)) == str(base / "10")  # numeric order, not "2" > "10"
+    assert next_version(str(base)) == str(base / "12")
+
+
 
 def test_batcher_isolates_failures_and_bounds_its_queue() -> None:
     from melanoma_tf.serving.batching import SharedBatchScheduler

@@ -61,7 +61,9 @@ class ModelConfig(hyperparams.Config):
     working_size: 0 computes at data.input_size; else the model resizes its input to this size.
     pooling: 'flatten' (the paper), 'average' (global average) or 'lesion_stats'.
     descriptors: also give the softmax layer the lesion's colour and shape descriptors,
-    standardised and multiplied by descriptors_scale."""
+    standardised and multiplied by descriptors_scale.
+    init_checkpoint: a pretrained `.keras` model or `.npz` whose init_checkpoint_layers start
+    every training run (`modeling.pretrained`); empty: from scratch."""
     num_classes: int = 2
     working_size: int = 0
     dense_units: List[int] = dataclasses.field(default_factory=lambda: [1000, 1000, 500])
@@ -73,6 +75,9 @@ class ModelConfig(hyperparams.Config):
     kernel_initializer: str = "glorot_uniform"
     output_initializer: str = "glorot_uniform"
     normalization: str = "mean_std"
+    init_checkpoint: str = ""
+    init_checkpoint_layers: List[str] = dataclasses.field(
+        default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5"])
     augmentation: AugmentationConfig = dataclasses.field(default_factory=AugmentationConfig)
 
 

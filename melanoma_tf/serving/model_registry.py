@@ -75,6 +75,21 @@ def versions_on_disk(base_path: str) -> dict[int, str]:
     return found
 
 
+def newest_version(base_path: str) -> str:
+    """The highest version folder on disk: the one served under the default `latest` policy."""
+    versions = versions_on_disk(base_path)
+    if not versions:
+        raise FileNotFoundError(f"{base_path}: no integer-named version folder holding a SavedModel")
+    return versions[max(versions)]
+
+
+def next_version(base_path: str) -> str:
+    """Where a new export goes: versions are immutable, so one above every version folder,
+    including any left without a SavedModel (a failed copy) that an export would collide with."""
+    names = os.listdir(base_path) if os.path.isdir(base_path) else []
+    return os.path.join(base_path, str(max((int(n) for n in names if n.isdigit()), default=0) + 1))
+
+
 def _fingerprint(path: str) -> tuple:
     """Changes whenever a file of the version folder is added, grown or rewritten."""
     items = []

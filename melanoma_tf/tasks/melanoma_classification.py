@@ -34,6 +34,7 @@ from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.evaluation import tta as tta_lib
 from melanoma_tf.modeling import alexnet as alexnet_lib
+from melanoma_tf.modeling import pretrained
 
 NEVUS, MELANOMA = 0, 1
 
@@ -223,6 +224,9 @@ def fit(train: LesionSet, val: LesionSet | None, params: configs.ClassificationE
     past = _resume_state(run_dir)
     keras.utils.set_random_seed(params.training.seed)
     model = build_model(params, training=True)
+    if params.model.init_checkpoint:
+        loaded = pretrained.load(model, params.model.init_checkpoint, params.model.init_checkpoint_layers)
+        print(f"initialised {', '.join(loaded)} from {params.model.init_checkpoint}")
     adapt_normalization(model, train.images)
     ds, steps, class_weight = _training_data(train, params)
     model.compile(
