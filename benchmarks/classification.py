@@ -100,11 +100,37 @@ def _entry(labels, score, per_fold, n_boot, seed, **extra) -> dict:
             "mean_sd": metrics.summarize_folds(per_fold), **extra}
 
 
+def out_of_fold(model_dir: Path) -> dict[str, float]:
+    """A cross-validated run's last-epoch out-of-fold melanoma probability of each image."""
+    with (model_dir / "predictions.csv").open() as f:
+        return {r["image_id"]: float(r["melanoma_probability_last_epoch"])
+                for r in csv.DictReader(f) if r["split"] == "train"}
+
+
+def compare_with_baseline(variants: dict, data: task.LesionSet, base_score: np.ndarray, n_boot: int,
+                          seed: int) -> dict[str, np.ndarray]:
+    """Adds each variant's paired AUC difference to the regression (`metrics.auc_difference`),
+    for the variants whose out-of-fold predictions on exactly these images are on disk; returns
+    their scores, in the order of `data`."""
+    scores = {}
+    for name, entry in variants.items():
+        model_dir = ROOT / entry.get("model_dir", "-")
+        if not (model_dir / "predictions.csv").is_file():
+            continue
+        score = out_of_fold(model_dir)
+        if set(score) != set(data.image_ids):
+            continue  # trained on other images (another mask source): not comparable
+        scores[name] = np.array([score[i] for i in data.image_ids])
+        entry["roc_auc_minus_baseline"] = metrics.auc_difference(data.labels, scores[name], base_score,
+                                                                 n=n_boot, seed=seed)
+    return scores
+
+
 def print_table(results: dict) -> None:
     """One row per variant. 'last' columns score each fold's last epoch; 'best' its best epoch by
     held-out AUC, which is chosen on the scored images and therefore optimistic."""
-    cols = ("AUC last [95% CI]", "AUC best [95% CI]", "fold AUC", "sens", "spec", "bal.acc",
-            "sens@90sp", "test AUC", "min")
+    cols = ("AUC last [95% CI]", "minus LR [95% CI]", "AUC best [95% CI]", "fold AUC", "sens", "spec",
+            "bal.acc", "sens@90sp", "test AUC", "min")
     rows = []
     baseline = results.get("baseline") or {}
     for name, r in [("logistic regression (colour+shape)", baseline),
@@ -115,13 +141,15 @@ def print_table(results: dict) -> None:
         last, best = r.get("pooled_last_epoch", r["pooled"]), r["pooled"]
         fold = r.get("mean_sd_last_epoch", r["mean_sd"])["roc_auc"]
         test = r.get("test")
-        rows.append((name, metrics.format_ci(last["roc_auc"]), metrics.format_ci(best["roc_auc"]),
+        difference = r.get("roc_auc_minus_baseline")
+        rows.append((name, metrics.format_ci(last["roc_auc"]), metrics.format_ci(difference) if difference else "-",
+                     metrics.format_ci(best["roc_auc"]),
                      f"{fold['mean']:.3f}±{fold['sd']:.3f}", *(f"{last[k]['value']:.3f}" for k in (
                          "sensitivity", "specificity", "balanced_accuracy", "sensitivity_at_90_specificity")),
                      f"{test['metrics']['roc_auc']['value']:.3f}" if test else "-",
                      f"{r['minutes']:.0f}" if r.get("minutes") else "-"))
     width = max(len(r[0]) for r in rows)
-    widths = [21, 21, 11, 5, 5, 7, 9, 8, 4]
+    widths = [21, 22, 21, 11, 5, 5, 7, 9, 8, 4]
     header = f"{'variant':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, widths))
     print(header)
     print("-" * len(header))
@@ -165,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     desc_score, desc_folds = logistic_cv(described, data, folds)
     baseline["descriptors_only"] = _entry(data.labels, desc_score, desc_folds, n_boot, seed, model=DESCRIPTOR_BASELINE)
     variants = {}
-    curves = {"logistic regression": (data.labels, base_score)}
+    curves = {"logistic regression": (data.labels, base_score),
+              "logistic regression, descriptors": (data.labels, desc_score)}
     if args.segmentation_features:
         start = time.perf_counter()
         extractor = segmentation_features.SegmentationFeatures(args.segmentation_features)
@@ -182,19 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         out = task.train(args.records, model_dir, args.experiment, args.config_file, override, None, args.epochs)
         minutes = (time.perf_counter() - start) / 60
         cv = json.loads((model_dir / "cv_metrics.json").read_text())
-        with (model_dir / "predictions.csv").open() as f:
-            oof = [r for r in csv.DictReader(f) if r["split"] == "train"]
-        labels = np.array([int(r["label"]) for r in oof])
-        score = np.array([float(r["melanoma_probability_last_epoch"]) for r in oof])
+        oof = out_of_fold(model_dir)
+        score = np.array([oof[i] for i in data.image_ids])
         extra = {}
         if list(params.data.mask_sources) != ["ground_truth"]:
             # Also scored on the ground-truth-masked images alone: comparable with the other runs.
             truth = set(task.read_lesions(args.records, "train", params.data.replace(
                 mask_sources=["ground_truth"], include_unmasked=False)).image_ids)
-            keep = np.array([r["image_id"] in truth for r in oof])
+            keep = np.array([i in truth for i in data.image_ids])
             extra["pooled_last_epoch_ground_truth_masks"] = {
                 "images": int(keep.sum()),
-                "metrics": metrics.metrics_with_ci(labels[keep], score[keep], n=n_boot, seed=seed)}
+                "metrics": metrics.metrics_with_ci(data.labels[keep], score[keep], n=n_boot, seed=seed)}
         variants[name] = {**extra,
             "experiment": args.experiment, "config_files": args.config_file, "params_override": override,
             "pooled": cv["pooled"]["metrics"], "mean_sd": cv["mean_sd"],
@@ -202,14 +229,20 @@ def main(argv: list[str] | None = None) -> int:
             "best_epochs": [f["best_epoch"] for f in cv["per_fold"]],
             "test": out["test"], "minutes": minutes, "model_dir": str(model_dir),
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
-        curves[f"{name} (last epoch)"] = (labels, score)
     # Read only now: other variants may have finished while this one trained.
     results = json.loads(args.output.read_text()) if args.output.exists() else {}
     results.update(dataset=dataset, baseline=baseline)
     results.setdefault("variants", {}).update(variants)
+    for variant, score in compare_with_baseline(results["variants"], data, base_score, n_boot, seed).items():
+        curves[variant.split()[0].rstrip(":")] = (data.labels, score)  # the table names them in full
+    baseline["descriptors_only"]["roc_auc_minus_baseline"] = metrics.auc_difference(
+        data.labels, desc_score, base_score, n=n_boot, seed=seed)
+    if args.segmentation_features:
+        variants["S head on the segmentation ResNet's features"]["roc_auc_minus_baseline"] = \
+            metrics.auc_difference(data.labels, seg_score, base_score, n=n_boot, seed=seed)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_json(args.output, results)
-    metrics.plot_roc(curves, args.output.with_suffix(".png"), "5-fold CV, ISIC sample (out-of-fold)")
+    metrics.plot_roc(curves, args.output.with_suffix(".png"), "5-fold CV, ISIC sample (out-of-fold, last epoch)")
     print()
     print_table(results)
     return 0

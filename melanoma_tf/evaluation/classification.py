@@ -62,6 +62,20 @@ def metrics_with_ci(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.
     return {k: {"value": values[k], "ci95": [float(low[i]), float(high[i])]} for i, k in enumerate(METRICS)}
 
 
+def auc_difference(y_true: np.ndarray, score: np.ndarray, reference: np.ndarray, n: int = 1000,
+                   seed: int = 0) -> dict[str, float | list[float]]:
+    """ROC AUC of `score` minus that of `reference` on the same images, with a paired bootstrap
+    95% CI (both scored on every resample): whether a model beats a baseline, which two
+    overlapping marginal CIs cannot say."""
+    def difference(y, a, b):
+        return roc_auc_score(y, a) - roc_auc_score(y, b)
+
+    y_true = np.asarray(y_true).astype(int)
+    low, high = bootstrap_ci(difference, y_true, np.asarray(score, float), np.asarray(reference, float),
+                             n=n, seed=seed, strata=y_true)
+    return {"value": float(difference(y_true, score, reference)), "ci95": [low, high]}
+
+
 def summarize_folds(per_fold: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
     """{metric: {"mean", "sd"}} over folds (sample standard deviation)."""
     out = {}
