@@ -110,7 +110,7 @@ def plot() -> Path:
     if otsu is not None:
         ax.axhline(otsu, color="grey", ls="--", label="Otsu threshold")
     ax.set(xlabel="training budget (minutes of a 2-core CPU)", ylabel="mean Jaccard, test split",
-           title="Lesion segmentation on the ISIC sample", ylim=(0, 1), xlim=(0, longest * 1.1 or 1))
+           title="Lesion segmentation on the ISIC sample", ylim=(-0.03, 1), xlim=(0, longest * 1.1 or 1))
     ax.legend()
     out = RESULTS / "segmentation_budget.png"
     fig.tight_layout()

@@ -66,7 +66,7 @@ def load(model: keras.Model, path: str | Path, layer_names: Sequence[str] = CONV
         layer = model.get_layer(name)
         theirs = weights[name]
         ours = layer.get_weights()
-        if theirs and len(ours[0].shape) == 4:
+        if theirs and ours and ours[0].ndim == 4:
             theirs = [ungroup_kernel(theirs[0], ours[0].shape[2]), *theirs[1:]]
         shapes = [w.shape for w in theirs]
         if shapes != [w.shape for w in ours]:
