@@ -58,8 +58,9 @@ def _mirror(mask: tf.Tensor, centre: tf.Tensor, axis: tf.Tensor) -> tf.Tensor:
 
 def shape_descriptors(mask: tf.Tensor) -> tf.Tensor:
     """[B, 5] of a 0/1 mask [B, H, W, 1]: area fraction, compactness (perimeter^2 / 4 pi area,
-    smallest for a disc, larger for a ragged border), elongation (ratio of the principal axes' lengths) and the asymmetry about the
-    major and the minor axis (area the mirrored mask does not cover / twice the area)."""
+    smallest for a disc, larger for a ragged border), elongation (ratio of the principal axes'
+    lengths) and the asymmetry about the major and the minor axis (area the mirrored mask does
+    not cover / twice the area)."""
     size = tf.cast(tf.shape(mask)[1:3], tf.float32)
     area = tf.reduce_sum(mask, axis=[1, 2, 3]) + 1e-6
     # Border pixels: lesion pixels with a background pixel among their 8 neighbours.

@@ -29,6 +29,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.modeling import alexnet as alexnet_lib
+from melanoma_tf.serving import model_registry
 from melanoma_tf.tasks import melanoma_classification as task
 
 SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
@@ -99,13 +100,8 @@ def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path
     """Writes the SavedModel (+ warm-up requests and the run's params.yaml in assets.extra) into a
     temporary sibling folder and renames it to export_dir, so TF Serving never sees half a version."""
     export_dir = Path(export_dir)
-    if export_dir.exists():
-        raise FileExistsError(f"{export_dir} exists: TF Serving versions are immutable, export a new version")
-    params, model = load_trained(model_dir, checkpoint)
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with model_registry.writing_version(export_dir) as tmp:
+        params, model = load_trained(model_dir, checkpoint)
         module = ClassifierModule(params, model)
         export_base.export(module, [SIGNATURE], str(tmp), timestamped=False)
         (tmp / "assets.extra").mkdir(exist_ok=True)
@@ -113,8 +109,4 @@ def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path
             for log in warmup_requests(export_dir.parent.name or "melanoma_classifier", params.data.input_size):
                 writer.write(log.SerializeToString())
         shutil.copy(Path(model_dir) / "params.yaml", tmp / "assets.extra" / "params.yaml")
-        os.replace(tmp, export_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return export_dir

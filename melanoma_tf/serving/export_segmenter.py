@@ -18,8 +18,6 @@ is the highest-scoring instance pasted at full resolution (no merging: one lesio
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from official.vision.serving import detection
 
 from melanoma_tf import masking
 from melanoma_tf.configs import segmentation as seg_cfg  # noqa: F401  (registers configs)
-from melanoma_tf.serving import warmup
+from melanoma_tf.serving import model_registry, warmup
 
 MODEL_NAME = "lesion_segmenter"
 STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE = 0, 1, 2
@@ -161,23 +159,14 @@ def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None
     """Writes a SavedModel of the checkpoint (default: latest in model_dir) to `export_dir`
     (a numeric version folder), atomically, with TF Serving warm-up requests."""
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    if export_dir.exists():
-        raise FileExistsError(f"{export_dir} exists: TF Serving versions are immutable, export a new version")
-    params = read_params(model_dir)
-    checkpoint = checkpoint or tf.train.latest_checkpoint(str(model_dir))
-    if checkpoint is None:
-        raise FileNotFoundError(f"{model_dir}: no checkpoint to export")
-    module = LesionSegmenterModule(params)
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        export_base.export(module, function_keys=SIGNATURES, export_savedmodel_dir=str(tmp),
-                           checkpoint_path=checkpoint, timestamped=False)
+    with model_registry.writing_version(export_dir) as tmp:
+        params = read_params(model_dir)
+        checkpoint = checkpoint or tf.train.latest_checkpoint(str(model_dir))
+        if checkpoint is None:
+            raise FileNotFoundError(f"{model_dir}: no checkpoint to export")
+        export_base.export(LesionSegmenterModule(params), function_keys=SIGNATURES,
+                           export_savedmodel_dir=str(tmp), checkpoint_path=checkpoint, timestamped=False)
         warmup.write_warmup_requests(tmp, MODEL_NAME, {"image_bytes": np.array([_warmup_image()])})
-        export_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, export_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return export_dir
 
 

@@ -13,8 +13,10 @@ allows a label that is new or unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,24 @@ def next_version(base_path: str) -> str:
     including any left without a SavedModel (a failed copy) that an export would collide with."""
     names = os.listdir(base_path) if os.path.isdir(base_path) else []
     return os.path.join(base_path, str(max((int(n) for n in names if n.isdigit()), default=0) + 1))
+
+
+@contextlib.contextmanager
+def writing_version(export_dir: Path | str):
+    """Yields a temporary sibling folder to write a new version into and renames it to
+    `export_dir` when the block succeeds, so a server never sees half a version; refuses a
+    version that exists (versions are immutable) before any work is done."""
+    export_dir = Path(export_dir)
+    if export_dir.exists():
+        raise FileExistsError(f"{export_dir} exists: TF Serving versions are immutable, export a new version")
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        os.replace(tmp, export_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fingerprint(path: str) -> tuple:
