@@ -19,7 +19,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 from official.core import task_factory
 

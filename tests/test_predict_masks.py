@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import serving_fakes as fakes
 from melanoma_tf import predict_masks, tfrecords
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.tasks import melanoma_classification as task
+
+import serving_fakes as fakes
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import serving_fakes as fakes
 from melanoma_tf import score
 from melanoma_tf.client import MelanomaClient
 from melanoma_tf.serving.server import start_server
+
+import serving_fakes as fakes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from official.core import exp_factory
-from official.core import task_factory
+from official.core import exp_factory, task_factory
 from PIL import Image
 
 from melanoma_tf import masking
@@ -213,7 +212,8 @@ def test_export_signature_shapes_dtypes_and_bad_images(seg_export, synthetic_dir
         np.testing.assert_array_equal(out["masked_image"][i], want)
         assert out["status"][i] == (0 if mask.any() else 1)
     tensor_out = model.signatures["serving_image_tensor"](images=tf.constant(sources[0][None]))
-    np.testing.assert_array_equal(tensor_out["lesion_mask"][0].numpy(), out["lesion_mask"][0][:sources[0].shape[0], :sources[0].shape[1]])
+    height, width = sources[0].shape[:2]
+    np.testing.assert_array_equal(tensor_out["lesion_mask"][0].numpy(), out["lesion_mask"][0][:height, :width])
 
 
 def test_export_has_warmup_requests_that_it_answers(seg_export):

@@ -11,10 +11,11 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-import serving_fakes as fakes
 from melanoma_tf import masking
 from melanoma_tf.client import MelanomaClient
 from melanoma_tf.serving.server import start_server
+
+import serving_fakes as fakes
 
 pytestmark = pytest.mark.slow
 

@@ -14,14 +14,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
-                                     model_management_pb2, model_service_pb2_grpc, predict_pb2,
-                                     prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 from tensorflow_serving.config import model_server_config_pb2
 
-import serving_fakes as fakes
 from melanoma_tf.serving.servable import read_signature_defs
 from melanoma_tf.serving.server import start_server
+
+import serving_fakes as fakes
 
 State = get_model_status_pb2.ModelVersionStatus.State
 BATCHING = {"max_batch_size": 8, "batch_timeout_micros": 100_000, "num_batch_threads": 2,

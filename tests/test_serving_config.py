@@ -13,10 +13,16 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2
 
+from melanoma_tf.serving.config import (
+    batching_options_from,
+    load_model_server_config,
+    map_base_path,
+    parse_batching_parameters,
+    parse_monitoring_config,
+    parse_path_map,
+)
+
 import serving_fakes
-from melanoma_tf.serving.config import (batching_options_from, load_model_server_config,
-                                        map_base_path, parse_batching_parameters,
-                                        parse_monitoring_config, parse_path_map)
 
 SERVING = Path(__file__).resolve().parents[1] / "serving"
 MODELS = {"lesion_segmenter", "melanoma_classifier"}

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 from official.core import config_definitions as cfg
-from official.core import exp_factory
-from official.core import export_base
+from official.core import exp_factory, export_base
 from official.modeling import hyperparams
 from official.vision.ops import spatial_transform_ops
 from official.vision.serving import detection

@@ -22,14 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_pb2,
-                                     status_pb2)
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from melanoma_tf.serving.batching import SharedBatchScheduler
 from melanoma_tf.serving.config import PathMap, map_base_path
-from melanoma_tf.serving.errors import (ServingError, code_number, failed_precondition,
-                                        from_exception, invalid_argument, not_found)
+from melanoma_tf.serving.errors import (
+    ServingError,
+    code_number,
+    failed_precondition,
+    from_exception,
+    invalid_argument,
+    not_found,
+)
 from melanoma_tf.serving.servable import Servable
 
 log = logging.getLogger(__name__)

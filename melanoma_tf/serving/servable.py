@@ -14,8 +14,8 @@ import threading
 from typing import Any
 
 import numpy as np
-from google.protobuf import text_format
 import tensorflow as tf
+from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 

@@ -13,13 +13,23 @@ from concurrent import futures
 from typing import Any, Callable, TypeVar
 
 import grpc
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
-                                     model_management_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from melanoma_tf.serving.batching import SharedBatchScheduler
-from melanoma_tf.serving.config import (BatchingOptions, ModelsSpec, PathMap,
-                                        batching_options_from, model_server_config_from)
+from melanoma_tf.serving.config import (
+    BatchingOptions,
+    ModelsSpec,
+    PathMap,
+    batching_options_from,
+    model_server_config_from,
+)
 from melanoma_tf.serving.errors import ServingError, code_number, from_exception
 from melanoma_tf.serving.model_registry import ModelRegistry
 

@@ -19,15 +19,9 @@ from absl import logging
 from official.common import dataset_fn as dataset_fn_lib
 from official.common import distribute_utils
 from official.core import config_definitions as cfg
-from official.core import exp_factory
-from official.core import task_factory
-from official.core import train_lib
-from official.core import train_utils
-from official.modeling import hyperparams
-from official.modeling import performance
-from official.vision.dataloaders import input_reader
-from official.vision.dataloaders import input_reader_factory
-from official.vision.dataloaders import tf_example_decoder
+from official.core import exp_factory, task_factory, train_lib, train_utils
+from official.modeling import hyperparams, performance
+from official.vision.dataloaders import input_reader, input_reader_factory, tf_example_decoder
 from official.vision.tasks import maskrcnn
 
 from melanoma_tf import tfrecords
