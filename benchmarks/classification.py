@@ -18,11 +18,13 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import cv2
+import keras
 import numpy as np
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.pipeline import make_pipeline
@@ -126,6 +128,39 @@ def compare_with_baseline(variants: dict, data: task.LesionSet, base_score: np.n
     return scores
 
 
+def training_cost(model_dir: Path) -> dict:
+    """CPU and wall minutes of every fit of a run (`timing.json` of each fold and the final
+    model; resumed fits included)."""
+    def minutes(run: Path) -> dict | None:
+        path = run / task.TIMING_FILE
+        if not path.is_file():
+            return None
+        t = json.loads(path.read_text())
+        return {"cpu": round(t["cpu_seconds"] / 60, 1), "wall": round(t["wall_seconds"] / 60, 1)}
+
+    folds = [m for m in (minutes(p) for p in sorted(model_dir.glob("fold_*"))) if m]
+    return {"per_fold": folds, "final": minutes(model_dir / "final"),
+            "cv_cpu": round(sum(f["cpu"] for f in folds), 1)}
+
+
+def melanoma_vs_rest(model_dir: Path, params, data_dir: Path, records_all: Path, n_boot: int, seed: int) -> dict:
+    """ISIC 2017 Part 3's melanoma task on the test split: melanoma against nevus and seborrheic
+    keratosis. The classifier never trains on seborrheic keratoses, so every one of the
+    sample's (from both splits) is an unseen negative for the final model."""
+    if not (records_all / "manifest.json").exists():
+        build_tfrecords.build(data_dir, records_all, folds=5, seed=0, include_other=True)
+    others = [task.read_lesions(records_all, split, params.data, classes=(2,)) for split in ("train", "test")]
+    model = keras.models.load_model(model_dir / "final_model.keras", compile=False)
+    other_score = np.concatenate([task.predict(model, o.images, params.evaluation.tta) for o in others])
+    with (model_dir / "predictions.csv").open() as f:
+        test = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    labels = np.array([int(r["label"]) for r in test] + [0] * len(other_score))
+    score = np.array([float(r["melanoma_probability"]) for r in test] + other_score.tolist())
+    threshold = json.loads((model_dir / "test_metrics.json").read_text())["threshold"]
+    return {"images": len(labels), "melanoma": int(labels.sum()), "seborrheic_keratosis": len(other_score),
+            "threshold": threshold, "metrics": metrics.metrics_with_ci(labels, score, threshold, n=n_boot, seed=seed)}
+
+
 def print_table(results: dict) -> None:
     """One row per variant. 'last' columns score each fold's last epoch; 'best' its best epoch by
     held-out AUC, which is chosen on the scored images and therefore optimistic."""
@@ -161,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
     p.add_argument("--records", type=Path, default=ROOT / "tfrecords/isic-sample", help="records cache")
+    p.add_argument("--records-all", type=Path, default=ROOT / "tfrecords/isic-sample-all",
+                   help="records cache with seborrheic keratoses too (melanoma against the rest)")
     p.add_argument("--variant", default=None, help="name in the results (default: the experiment)")
     p.add_argument("--model-dir", type=Path, default=None, help="default runs/benchmark_cls/<variant>")
     p.add_argument("--experiment", default="melanoma_alexnet_paper")
@@ -183,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     data = task.read_lesions(args.records, "train", params.data)
     folds, seed, n_boot = params.training.folds, params.training.seed, params.evaluation.bootstrap_samples
 
-    dataset = {"data_dir": str(args.data_dir), "records": str(args.records), "images": len(data),
+    dataset = {"data_dir": os.path.relpath(args.data_dir, ROOT), "records": os.path.relpath(args.records, ROOT),
+               "images": len(data),
                "melanoma": int(data.labels.sum()), "folds": folds,
                "note": f"train split, mask sources {list(params.data.mask_sources)}; folds as stored in the records"}
     base_score, base_folds = logistic_cv(np.stack([lesion_features(im) for im in data.images]), data, folds)
@@ -214,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         oof = out_of_fold(model_dir)
         score = np.array([oof[i] for i in data.image_ids])
         extra = {}
+        if out["test"]:
+            extra["test_melanoma_vs_rest"] = melanoma_vs_rest(model_dir, params, args.data_dir, args.records_all,
+                                                              n_boot, seed)
         if list(params.data.mask_sources) != ["ground_truth"]:
             # Also scored on the ground-truth-masked images alone: comparable with the other runs.
             truth = set(task.read_lesions(args.records, "train", params.data.replace(
@@ -227,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             "pooled": cv["pooled"]["metrics"], "mean_sd": cv["mean_sd"],
             "pooled_last_epoch": cv["pooled_last_epoch"]["metrics"], "mean_sd_last_epoch": cv["mean_sd_last_epoch"],
             "best_epochs": [f["best_epoch"] for f in cv["per_fold"]],
-            "test": out["test"], "minutes": minutes, "model_dir": str(model_dir),
+            "test": out["test"], "minutes": minutes, "training_minutes": training_cost(model_dir),
+            "model_dir": os.path.relpath(model_dir, ROOT),
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}
     # Read only now: other variants may have finished while this one trained.
     results = json.loads(args.output.read_text()) if args.output.exists() else {}

@@ -1,7 +1,7 @@
 """The whole pipeline on real ISIC images, within a stated CPU budget, scored on their test split.
 
     python benchmarks/pipeline.py --data-dir ../shared/data/isic-sample \
-        [--profile cpu] [--seg-from benchmarks/.runs/segmentation-cpu-60min]
+        [--profile cpu] [--seg-from benchmarks/.runs/segmentation-cpu-60min] [--cls-from RUN]
 
 Runs `melanoma_tf.pipeline` (records -> segmentation -> classifier -> export -> embedded server ->
 gRPC client on the test split -> evaluation and report) and prints the test-split figures next
@@ -11,6 +11,7 @@ colour-and-shape logistic regression, from benchmarks/results/classification.jso
 The `cpu` profile's segmenter is the 60-minute run of benchmarks/segmentation.py (same experiment,
 same steps, same split): --seg-from copies that run's checkpoints into the work dir so the
 pipeline resumes at its last step instead of training the same network a second time.
+--cls-from does the same for the classifier's cross-validated run of benchmarks/classification.py.
 Results: benchmarks/results/pipeline-<data>-<profile>.json, the report in the work dir.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
 import time
@@ -48,6 +51,18 @@ def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
                                         f'all_model_checkpoint_paths: "{latest}"\n')
 
 
+def seed_classifier(cls_from: Path, cls_dir: Path) -> None:
+    """Copies a finished classifier run (its folds, final model and operating point) into cls_dir.
+    The run must hold the profile's params: `training.verbose`, which changes only what a fit
+    prints, is set to the pipeline's so the task accepts the run as its own."""
+    if not (cls_from / "final_model.keras").is_file():
+        raise FileNotFoundError(f"{cls_from}: no final_model.keras, not a finished classifier run")
+    if not cls_dir.exists():
+        shutil.copytree(cls_from, cls_dir)
+    params = cls_dir / "params.yaml"
+    params.write_text(re.sub(r"(?m)^(\s+verbose:) \d+$", r"\1 1", params.read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
@@ -55,22 +70,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="default benchmarks/.runs/pipeline-<data>-<profile>")
     p.add_argument("--seg-from", type=Path, default=None,
                    help="a finished segmentation run with this profile's settings, to reuse")
+    p.add_argument("--cls-from", type=Path, default=None,
+                   help="a finished classifier run (benchmarks/classification.py) with this profile's settings")
     args = p.parse_args(argv)
     name = f"pipeline-{args.data_dir.resolve().name}-{args.profile}"
     work = args.work_dir or ROOT / "benchmarks" / ".runs" / name
     if args.seg_from:
         seed_segmentation(args.seg_from, work / "runs" / "seg")
+    if args.cls_from:
+        seed_classifier(args.cls_from, work / "runs" / "cls")
     start = time.time()
     pipeline.run(args.data_dir, work, args.profile)
     metrics = json.loads((work / "report" / "metrics.json").read_text())
     steps = {m.stem: json.loads(m.read_text())["seconds"] for m in (work / ".steps").glob("*.json")}
-    result = {"data_dir": str(args.data_dir.resolve()), "profile": args.profile,
-              "settings": pipeline.PROFILES[args.profile].__dict__, "seg_from": str(args.seg_from or ""),
+    result = {"data_dir": os.path.relpath(args.data_dir, ROOT), "profile": args.profile,
+              "settings": pipeline.PROFILES[args.profile].__dict__,
+              "seg_from": os.path.relpath(args.seg_from, ROOT) if args.seg_from else "",
+              "cls_from": os.path.relpath(args.cls_from, ROOT) if args.cls_from else "",
               "wall_minutes_this_run": round((time.time() - start) / 60, 1), "step_seconds": steps,
               "counts": metrics["counts"], "segmentation": metrics["segmentation"],
               "segmentation_otsu": metrics["segmentation_otsu"], "classification": metrics["classification"],
-              "paper": report.PAPER, "report": str(work / "report" / "index.html")}
-    baseline = RESULTS / "classification.json"
+              "paper": report.PAPER, "report": os.path.relpath(work / "report" / "index.html", ROOT)}
+    baseline = RESULTS / "classification-v2.json"
     if baseline.is_file():
         result["logistic_regression_cv"] = json.loads(baseline.read_text())["baseline"]["pooled"]["roc_auc"]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,12 @@
 """Builds sharded TFRecords from an ISIC download (any layout `data.isic` knows).
 
     python -m melanoma_tf.build_tfrecords --data-dir D --output-dir tfrecords/NAME \
-        [--test-fraction 0.2] [--folds 5] [--seed 0] [--image-size-max N] [--num-workers K]
+        [--split auto|official|stratified] [--test-fraction 0.2] [--folds 5] [--seed 0]
+        [--image-size-max N] [--num-workers K]
+
+The test split is the challenge's official test set when the download holds a labelled one
+(ISIC 2016 Test, ISIC 2017 Test_v2, ISIC 2018 Test; validation images join the training folds),
+else a stratified 20%.
 
 Everything is written into a temporary sibling folder that replaces the output folder only
 when the build is complete, so a killed build never leaves shards that look finished.
@@ -50,18 +55,38 @@ def _write_json(path: Path, obj) -> None:
 def build(data_dir: Path | str, output_dir: Path | str, *, test_fraction: float = 0.2,
           folds: int = 5, seed: int = 0, image_size_max: int | None = None,
           num_workers: int = 1, include_other: bool = False, strict: bool = False,
-          progress: bool = True) -> dict:
-    """Builds the records and returns the manifest (also written as manifest.json)."""
+          progress: bool = True, split: str = "auto", test_data_dir: Path | str | None = None) -> dict:
+    """Builds the records and returns the manifest (also written as manifest.json).
+
+    split: 'official' makes the challenge's labelled official test set the test split (its
+    validation set joins the training folds), so results compare with the leaderboards;
+    'stratified' pools everything and holds out `test_fraction`, stratified by class and mask;
+    'auto' (default) is 'official' when the download has a labelled test set. The manifest
+    records the rule in `split_rule`. test_data_dir: a separate labelled folder (any layout)
+    whose images are the test split, and every image of data_dir trains (`test_data_dir` rule);
+    an image id in both folders is an error.
+    """
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     items, problems = isic.read_dataset(data_dir, include_other=include_other)
     if strict and problems:
         raise images.BadInput(problems[0].path, problems[0].reason)
     if not items:
         raise ValueError(f"{data_dir}: no usable labelled image found ({len(problems)} problems)")
+    from_test_dir = None
+    if test_data_dir is not None:
+        test_items, test_problems = isic.read_dataset(test_data_dir, include_other=include_other)
+        shared = sorted({it.image_id for it in items} & {it.image_id for it in test_items})
+        if shared:
+            raise ValueError(f"{test_data_dir}: image {shared[0]} is also in the training folder {data_dir} "
+                             f"({len(shared)} shared ids); a test image must not be trained on")
+        if not test_items:
+            raise ValueError(f"{test_data_dir}: no usable labelled test image found")
+        if strict and test_problems:
+            raise images.BadInput(test_problems[0].path, test_problems[0].reason)
+        from_test_dir = [False] * len(items) + [True] * len(test_items)
+        items, problems = items + test_items, problems + test_problems
 
-    is_test, fold = tfrecords.assign_splits(
-        [it.label for it in items], [it.mask_path is not None for it in items],
-        [it.lesion_id or it.image_id for it in items], test_fraction, folds, seed)
+    is_test, fold, split = tfrecords.split_items(items, split, test_fraction, folds, seed, from_test_dir)
     split_of = ["test" if t else "train" for t in is_test]
     shard_sets = {}
     for i, it in enumerate(items):
@@ -108,8 +133,9 @@ def build(data_dir: Path | str, output_dir: Path | str, *, test_fraction: float 
             pool.terminate()
 
     manifest = _manifest(data_dir, records, shards, problems, conversions, dict(
-        test_fraction=test_fraction, folds=folds, seed=seed, image_size_max=image_size_max,
-        include_other=include_other))
+        split_rule=split, test_fraction=test_fraction if split == "stratified" else None,
+        test_data_dir=str(test_data_dir) if test_data_dir else None, folds=folds, seed=seed,
+        image_size_max=image_size_max, include_other=include_other))
     _write_report(tmp_dir / "build_report.csv", problems, conversions)
     _write_json(tmp_dir / "manifest.json", manifest)
     old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
@@ -158,6 +184,7 @@ def _write_report(path: Path, problems: list[isic.Problem], conversions: list[is
 
 
 def print_summary(manifest: dict, output_dir: Path) -> None:
+    print(f"split rule: {manifest['options'].get('split_rule', 'stratified')}")
     for split, c in manifest["counts"].items():
         labels = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("total", "with_mask"))
         print(f"{split}: {c['total']} images ({labels}), {c['with_mask']} with a mask")
@@ -173,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, type=Path, help="ISIC download folder")
     parser.add_argument("--output-dir", required=True, type=Path, help="e.g. tfrecords/isic2017")
-    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--split", choices=tfrecords.SPLIT_RULES, default="auto",
+                        help="test split: the challenge's official test set when the download has a labelled "
+                             "one (auto, official), or a stratified --test-fraction of everything")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="with the stratified split")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the train split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size-max", type=int, default=None,
@@ -187,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = build(args.data_dir, args.output_dir, test_fraction=args.test_fraction,
                          folds=args.folds, seed=args.seed, image_size_max=args.image_size_max,
                          num_workers=args.num_workers, include_other=args.include_other,
-                         strict=args.strict)
+                         strict=args.strict, split=args.split)
     except (images.BadInput, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

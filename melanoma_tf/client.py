@@ -12,6 +12,8 @@ Decisions:
   channels and RGBA drops alpha, as decoding with channels=3 does for files.
 * The segmenter's masked image is forwarded to the classifier as the same TensorProto
   (no decode/re-encode), and the mask is cropped to the returned `image_size`.
+* `is_melanoma` is decided at the classifier's served `threshold` (its operating point,
+  chosen in training for a target sensitivity) unless the client is given a `threshold`.
 * Segmenter status 1 (no lesion): no classification; the result has status
   "no_lesion", `melanoma_probability` NaN and `is_melanoma` None.
 * Segmenter status 2 (undecodable/empty image): `predict` raises `ImageDecodeError`;
@@ -77,6 +79,7 @@ class LesionPrediction:
     index: int | None = None
     error: str | None = None
     model_versions: dict[str, int] = dataclasses.field(default_factory=dict)
+    threshold: float = math.nan  # the one is_melanoma used: the served operating point or the client's
 
     @property
     def ok(self) -> bool:
@@ -125,7 +128,7 @@ class MelanomaClient:
     def __init__(self, target: str = "localhost:8500", segmenter: str = "lesion_segmenter",
                  classifier: str = "melanoma_classifier", segmenter_version: int | None = None,
                  segmenter_label: str | None = None, classifier_version: int | None = None,
-                 classifier_label: str | None = None, threshold: float = 0.5,
+                 classifier_label: str | None = None, threshold: float | None = None,
                  timeout: float = 30.0, retries: int = 3, *, retry_timeout: float | None = None,
                  backoff: float = 0.1, max_backoff: float = 2.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
@@ -168,19 +171,21 @@ class MelanomaClient:
         box = tuple(float(v) for v in tf.make_ndarray(outputs["lesion_box"])[0])
         score = float(tf.make_ndarray(outputs["lesion_score"])[0])
         latency = {"segment": (t1 - t0) * 1000.0, "classify": 0.0}
-        probability, decision, label = math.nan, None, "no_lesion"
+        probability, decision, label, threshold = math.nan, None, "no_lesion", math.nan
         if status == STATUS_OK:
             classify = predict_pb2.PredictRequest()
             name, version, version_label = self._classifier
             _model_spec(classify.model_spec, name, BYTES_SIGNATURE, version, version_label)
             classify.inputs["masked_image"].CopyFrom(outputs["masked_image"])
-            classify.output_filter.append("melanoma_probability")
+            classify.output_filter.extend(["melanoma_probability", "threshold"])
             t2 = time.perf_counter()
             classified = self._call(classify, image_id)
             latency["classify"] = (time.perf_counter() - t2) * 1000.0
             versions[name] = classified.model_spec.version.value
             probability = float(tf.make_ndarray(classified.outputs["melanoma_probability"])[0])
-            decision = probability >= self.threshold
+            served = float(tf.make_ndarray(classified.outputs["threshold"])[0])
+            threshold = served if self.threshold is None else self.threshold
+            decision = probability >= threshold
             label = "ok"
         elif status != STATUS_NO_LESION:
             raise PredictionError(f"unexpected segmenter status {status}", image_id)
@@ -188,7 +193,7 @@ class MelanomaClient:
         return LesionPrediction(
             image_id=image_id, melanoma_probability=probability, is_melanoma=decision,
             lesion_mask=mask, lesion_box=box, segmentation_score=score, status=label,
-            latency_ms=latency, model_versions=versions)
+            latency_ms=latency, model_versions=versions, threshold=threshold)
 
     def predict_many(self, images: Iterable[Any], concurrency: int = 8) -> Iterator[LesionPrediction]:
         """Score many images concurrently, yielding results as they complete.

@@ -2,7 +2,7 @@
 
     python -m melanoma_tf.evaluate --data-dir D --output-dir report/ \\
         (--server HOST:PORT | --seg-model DIR --cls-model DIR) \\
-        [--concurrency N] [--threshold 0.5] [--limit N] [--bootstrap N] [--seed S]
+        [--concurrency N] [--threshold T] [--limit N] [--bootstrap N] [--seed S]
 
 Writes `metrics.json`, `predictions.csv` (one row per image), `masks/<id>_segmentation.png`
 (0/255, the ISIC submission format) and the report (`index.html`, see `melanoma_tf.report`).
@@ -18,8 +18,9 @@ Scoring rules:
   metric functions and macro-averaged as its scorer does; the Otsu baseline on the same images.
 - Classification: every melanoma/nevus image the chain answered. When the segmenter finds no
   lesion the chain never calls the image melanoma, so its score is 0 (counted in `no_lesion`).
-  An image is called melanoma when score >= threshold; the ISIC scorer uses >, which differs
-  only for a probability exactly at the threshold.
+  An image is called melanoma when score >= threshold: the classifier's served operating
+  point unless a threshold is given. The ISIC scorer uses >, which differs only for a
+  probability exactly at the threshold.
 - Images the chain could not score (unreadable, server error) or whose mask does not fit are
   left out of what they cannot count for and listed in `problems`.
 - 95% CIs: percentile bootstrap over images (classification stratified by class), seeded.
@@ -52,6 +53,7 @@ from melanoma_tf.score import write_mask
 
 SEGMENTER, CLASSIFIER = "lesion_segmenter", "melanoma_classifier"
 SEGMENTATION_KEYS = segmentation.PIXEL_METRICS + ("detection_rate", "segmentation_precision")
+DEFAULT_THRESHOLD = 0.5
 PREDICTION_COLUMNS = ("image_id", "label", "status", "melanoma_probability", "score", "predicted",
                       "lesion_score", *segmentation.PIXEL_METRICS, "found", "otsu_jaccard",
                       "otsu_dice", "image_path", "truth_mask_path", "mask_path", "error")
@@ -168,6 +170,14 @@ def _write_predictions(path: Path, rows: list[dict], threshold: float) -> None:
     os.replace(tmp, path)
 
 
+def _served_threshold(thresholds: set[float]) -> float:
+    """The one threshold the served classifier decided at (0.5 if no answer carried one)."""
+    if len(thresholds) > 1:
+        raise ValueError(f"the classifier answered with different thresholds {sorted(thresholds)} (several "
+                         "versions served?): pin a classifier version or pass a threshold")
+    return thresholds.pop() if thresholds else DEFAULT_THRESHOLD
+
+
 def _finite(obj):
     """JSON has no NaN: undefined values (e.g. a CI no resample could compute) become null."""
     if isinstance(obj, dict):
@@ -180,7 +190,7 @@ def _finite(obj):
 
 
 def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path, *,
-             threshold: float = 0.5, concurrency: int = 4, limit: int | None = None,
+             threshold: float | None = None, concurrency: int = 4, limit: int | None = None,
              image_ids: Iterable[str] | None = None, bootstrap: int = 1000, seed: int = 0,
              progress: bool = True, source: str = "", write_html: bool = True) -> dict:
     """Runs the chain on every melanoma/nevus image of `data_dir`, scores it and writes
@@ -204,12 +214,14 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
     new_masks = Path(tempfile.mkdtemp(prefix=".masks.tmp-", dir=output_dir))
     os.chmod(new_masks, 0o755)  # mkdtemp's 0700 would survive the rename
     problems = [{"image_id": p.image_id, "path": p.path, "reason": p.reason} for p in read_problems]
-    rows, versions = [], {}
+    rows, versions, served = [], {}, set()
     try:
         results = predictor.predict_many([(i.image_id, i.image_path) for i in items], concurrency=concurrency)
         for result in tqdm(results, total=len(items), unit="img", desc="evaluating", disable=not progress):
             rows.append(_image_row(by_id[result.image_id], result, new_masks, problems))
             versions.update(result.model_versions)
+            if math.isfinite(result.threshold):
+                served.add(result.threshold)
         shutil.rmtree(masks_dir, ignore_errors=True)
         os.replace(new_masks, masks_dir)
     finally:
@@ -217,6 +229,8 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
     rows.sort(key=lambda r: r["image_id"])
     segmented = [r for r in rows if "jaccard" in r]
     answered = [r for r in rows if "score" in r]
+    if threshold is None:
+        threshold = _served_threshold(served)
     metrics = {
         "data_dir": str(data_dir.resolve()),
         "source": source,
@@ -253,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--seg-model", type=Path, help="segmenter SavedModel (or its versions folder)")
     p.add_argument("--cls-model", type=Path, help="classifier SavedModel (or its versions folder)")
     p.add_argument("--concurrency", type=int, default=4, help="images in flight")
-    p.add_argument("--threshold", type=float, default=0.5, help="melanoma decision threshold")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="melanoma decision threshold (default: the classifier's served operating point)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (by id)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--seed", type=int, default=0)

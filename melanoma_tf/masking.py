@@ -28,6 +28,10 @@ from typing import Callable
 
 import tensorflow as tf
 
+# Side of the masked lesion the segmenter hands the classifier: the served classifier's input,
+# whatever size the classifier computes at.
+CLASSIFIER_INPUT_SIZE = 227
+
 VIEWS = ("lesion", "whole", "skin")
 
 
@@ -81,7 +85,7 @@ def _lesion_square(mask: tf.Tensor, margin: float) -> tuple[tf.Tensor, tf.Tensor
     return tf.cast(top, tf.int32), tf.cast(left, tf.int32), tf.cast(side, tf.int32)
 
 
-def crop_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = 227,
+def crop_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
                 margin: float = 0.1) -> tuple[tf.Tensor, tf.Tensor]:
     """The masked lesion view and the resampled 0/1 mask it was multiplied with
     ([S, S, 3] and [S, S] uint8); shape features of the baseline read the second."""
@@ -90,13 +94,13 @@ def crop_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = 227,
     return _square_resample(image, keep, top, left, side, output_size)
 
 
-def mask_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = 227,
+def mask_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
                 margin: float = 0.1) -> tf.Tensor:
     """uint8 [S, S, 3]: the lesion on black, centred in a square crop (see module docstring)."""
     return crop_lesion(image, mask, output_size, margin)[0]
 
 
-def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: int = 227,
+def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: int = CLASSIFIER_INPUT_SIZE,
                 margin: float = 0.1) -> tf.Tensor:
     """uint8 [S, S, 3]: the whole image, centred and padded black to a square; ignores the mask."""
     del mask, margin
@@ -107,7 +111,7 @@ def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: in
     return _square_resample(image, keep, (h - side) // 2, (w - side) // 2, side, output_size)[0]
 
 
-def skin_only(image: tf.Tensor, mask: tf.Tensor, output_size: int = 227,
+def skin_only(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
               margin: float = 0.1) -> tf.Tensor:
     """uint8 [S, S, 3]: the whole frame with the lesion view's square blacked out."""
     shape = tf.shape(image)

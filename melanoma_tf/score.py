@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images in flight (about 2x the server's max_batch_size / threads)")
     parser.add_argument("--masks-dir", type=Path, default=None,
                         help="write <image_id>_segmentation.png masks here")
-    parser.add_argument("--threshold", type=float, default=0.5, help="melanoma decision threshold")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="melanoma decision threshold (default: the classifier's served operating point)")
     parser.add_argument("--recursive", action="store_true", help="search the folder recursively")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline per RPC, seconds")
     parser.add_argument("--server-wait", type=float, default=120.0,

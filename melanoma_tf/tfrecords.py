@@ -22,11 +22,14 @@ classifier reads (`<split>*.tfrecord`), never to the `<split>-*` shards Mask R-C
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from melanoma_tf.data import isic
 
 FORMAT_VERSION = 1
 LABEL_IDS = {"nevus": 0, "melanoma": 1, "other": 2}
@@ -168,6 +171,21 @@ class ShardedWriter:
         return self.paths
 
 
+def _stratified_splits(k: int, seed: int, strata: np.ndarray, groups: np.ndarray, what: str) -> Iterator[np.ndarray]:
+    """Held-out indices of each of k stratified group folds; scikit-learn's own error for too few
+    images becomes one that says how many each class has and what to change."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    counts = collections.Counter(strata.tolist())
+    if not counts or all(c < k for c in counts.values()):
+        have = ", ".join(f"{v} {s.replace('/1', ' with mask').replace('/0', ' without mask')}"
+                         for s, v in sorted(counts.items()))
+        raise ValueError(f"too few images for {what}: some class needs at least {k} images, there are "
+                         f"{have or 'none'}; use fewer folds, another or no test fraction, or more images")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return (held for _, held in splitter.split(np.zeros(len(strata)), strata, groups))
+
+
 def assign_splits(labels: list[str], has_mask: list[bool], groups: list[str],
                   test_fraction: float, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split and fold assignment.
@@ -176,23 +194,56 @@ def assign_splits(labels: list[str], has_mask: list[bool], groups: list[str],
     are spread evenly; images of one lesion (same group) never straddle train/test or two folds.
     Returns (is_test bool array, fold array with -1 for test images).
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     n = len(labels)
     strata = np.array([f"{lab}/{int(m)}" for lab, m in zip(labels, has_mask)])
     groups_arr = np.array(groups)
     is_test = np.zeros(n, bool)
     if test_fraction > 0:
         k = max(2, round(1 / test_fraction))
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        _, test_idx = next(splitter.split(np.zeros(n), strata, groups_arr))
-        is_test[test_idx] = True
+        splits = _stratified_splits(k, seed, strata, groups_arr,
+                                    f"a test fraction of {test_fraction:g} ({k}-way split; --test-fraction)")
+        is_test[next(splits)] = True
     fold = np.full(n, -1)
     train_idx = np.flatnonzero(~is_test)
     if folds > 1:
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        for k, (_, held) in enumerate(splitter.split(train_idx, strata[train_idx], groups_arr[train_idx])):
+        splits = _stratified_splits(folds, seed, strata[train_idx], groups_arr[train_idx],
+                                    f"{folds} cross-validation folds of the training images (--folds)")
+        for k, held in enumerate(splits):
             fold[train_idx[held]] = k
     else:
         fold[train_idx] = 0
     return is_test, fold
+
+
+SPLIT_RULES = ("auto", "official", "stratified")
+
+
+def split_items(items: Sequence[isic.LesionItem], rule: str, test_fraction: float, folds: int, seed: int,
+                from_test_dir: Sequence[bool] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(is_test, fold, the rule applied) of reader items. Rules: 'official' holds out the
+    challenge's labelled official test set (validation images join the training folds),
+    'stratified' a stratified `test_fraction` of everything (`assign_splits`), 'auto' is
+    'official' when there is such a test set. Images from a separate test folder
+    (`from_test_dir`) are the test split whatever the rule ('test_data_dir')."""
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"split must be one of {SPLIT_RULES}, got {rule!r}")
+    held_out = np.array([it.source in isic.OFFICIAL_TEST_SOURCES for it in items])
+    if from_test_dir is not None:
+        rule, held_out = "test_data_dir", np.asarray(from_test_dir, bool)
+    elif rule == "auto":
+        rule = "official" if held_out.any() else "stratified"
+    if rule == "official" and not held_out.any():
+        raise ValueError(f"split 'official': no labelled official test set ({', '.join(isic.OFFICIAL_TEST_SOURCES)}) "
+                         "in the download; use the stratified split")
+    if rule != "stratified" and held_out.all():
+        raise ValueError(f"split {rule!r}: every image is a test image, none is left to train on")
+    labels, masked = [it.label for it in items], [it.mask_path is not None for it in items]
+    groups = [it.lesion_id or it.image_id for it in items]
+    if rule == "stratified":
+        return (*assign_splits(labels, masked, groups, test_fraction, folds, seed), rule)
+    train = np.flatnonzero(~held_out)
+    _, train_fold = assign_splits([labels[i] for i in train], [masked[i] for i in train],
+                                            [groups[i] for i in train], 0.0, folds, seed)
+    fold = np.full(len(items), -1)
+    fold[train] = train_fold
+    return held_out, fold, rule

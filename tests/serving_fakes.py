@@ -127,11 +127,13 @@ class StandInSegmenter(tf.Module):
 
 
 class StandInClassifier(tf.Module):
-    """The melanoma_classifier contract: probability = mean intensity / 255 (+ bias)."""
+    """The melanoma_classifier contract: probability = mean intensity / 255 (+ bias), called
+    melanoma at `threshold` (the operating point a trained export carries)."""
 
-    def __init__(self, bias: float = 0.0) -> None:
+    def __init__(self, bias: float = 0.0, threshold: float = 0.5) -> None:
         super().__init__()
         self.bias = tf.constant(bias, tf.float32)
+        self.threshold = tf.constant(threshold, tf.float32)
 
     @tf.function(input_signature=[
         tf.TensorSpec([None, MASKED_SIZE, MASKED_SIZE, 3], tf.uint8, name="masked_image")])
@@ -140,7 +142,8 @@ class StandInClassifier(tf.Module):
         probability = tf.clip_by_value(mean + self.bias, 0.0, 1.0)
         return {"melanoma_probability": probability,
                 "probabilities": tf.stack([1.0 - probability, probability], axis=-1),
-                "class_id": tf.cast(probability >= 0.5, tf.int32)}
+                "class_id": tf.cast(probability >= self.threshold, tf.int32),
+                "threshold": tf.fill(tf.shape(probability), self.threshold)}
 
 
 def write_warmup(path: Path, model_name: str, inputs: dict[str, tf.Tensor],
@@ -172,10 +175,11 @@ def build_segmenter(path: str | os.PathLike, warmup: bool = True) -> Path:
     return path
 
 
-def build_classifier(path: str | os.PathLike, bias: float = 0.0, warmup: bool = True) -> Path:
+def build_classifier(path: str | os.PathLike, bias: float = 0.0, warmup: bool = True,
+                     threshold: float = 0.5) -> Path:
     """Save the stand-in classifier SavedModel at `path` (a version folder)."""
     path = Path(path)
-    module = StandInClassifier(bias)
+    module = StandInClassifier(bias, threshold)
     tf.saved_model.save(module, str(path),
                         signatures={"serving_default": module.serve.get_concrete_function()})
     if warmup:

@@ -138,3 +138,15 @@ def test_real_sample_round_trip_and_stratified_split(isic_sample, tmp_path_facto
     masked = [r["has_mask"] for r in rows]
     test_masked = [r["has_mask"] for r in rows if r["split"] == "test"]
     assert np.mean(test_masked) == pytest.approx(np.mean(masked), abs=0.03)
+
+
+def test_too_few_images_for_the_folds_says_how_many_each_class_has():
+    """8 images, 2 melanomas: scikit-learn's own error names neither the classes nor the fix."""
+    labels = ["melanoma"] * 2 + ["nevus"] * 3
+    with pytest.raises(ValueError, match=r"5 cross-validation folds .*--folds.*2 melanoma with mask, 3 nevus with"):
+        tfrecords.assign_splits(labels, [True] * 5, [str(i) for i in range(5)], test_fraction=0, folds=5, seed=0)
+    with pytest.raises(ValueError, match=r"test fraction of 0.2 .*--test-fraction"):
+        tfrecords.assign_splits(labels, [True] * 5, [str(i) for i in range(5)], test_fraction=0.2, folds=2, seed=0)
+    is_test, fold = tfrecords.assign_splits(labels, [True] * 5, [str(i) for i in range(5)], test_fraction=0,
+                                            folds=2, seed=0)
+    assert not is_test.any() and sorted(set(fold)) == [0, 1]

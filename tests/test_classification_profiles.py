@@ -13,11 +13,11 @@ from melanoma_tf.masking import mask_lesion
 from melanoma_tf.tasks import melanoma_classification as task
 
 PROFILES = ["melanoma_alexnet_paper", "melanoma_alexnet_tuned", "melanoma_alexnet_modern",
-            "melanoma_alexnet_lesion_stats", "melanoma_alexnet_hybrid"]
+            "melanoma_alexnet_lesion_stats", "melanoma_alexnet_hybrid", "melanoma_efficientnet_lite0"]
 
 
 def test_every_registered_profile_is_listed_here():
-    registered = {name for name in exp_factory._REGISTERED_CONFIGS if name.startswith("melanoma_alexnet")}
+    registered = {name for name in exp_factory._REGISTERED_CONFIGS if name.startswith("melanoma_")}
     assert registered == set(PROFILES)
 
 

@@ -24,6 +24,8 @@ from melanoma_tf.tasks import melanoma_classification as task
 pytestmark = pytest.mark.slow
 EPOCHS = 4
 KILL_AT = 1  # 0-based epoch of fold 1 after which the first run is "killed"
+RUN = dict(config_files=["cls_tiny_test.yaml"], epochs=EPOCHS,
+           params_override={"evaluation": {"target_sensitivity": 0.9}})
 
 
 class SimulatedKill(Exception):
@@ -73,7 +75,7 @@ def records_2fold(tmp_path_factory) -> Path:
 def resumed_run(records_2fold, tmp_path_factory):
     """A 2-fold run killed in fold 1, then run again to the end (final model and test split)."""
     model_dir = tmp_path_factory.mktemp("run")
-    args = dict(data_dir=records_2fold, model_dir=model_dir, config_files=["cls_tiny_test.yaml"], epochs=EPOCHS)
+    args = dict(data_dir=records_2fold, model_dir=model_dir, **RUN)
     with pytest.raises(SimulatedKill):
         task.train(**args, callbacks=[Kill()])
     fold0_mtime = (model_dir / "fold_0" / "result.json").stat().st_mtime_ns
@@ -141,28 +143,54 @@ def test_writes_results_people_can_look_at(resumed_run):
 def test_rerun_of_a_finished_run_trains_nothing(resumed_run, records_2fold):
     model_dir, out, _, _ = resumed_run
     epochs = Epochs()
-    again = task.train(records_2fold, model_dir, config_files=["cls_tiny_test.yaml"], epochs=EPOCHS,
-                       callbacks=[epochs])
+    again = task.train(records_2fold, model_dir, **RUN, callbacks=[epochs])
     assert epochs.fits == []
     assert again["test"]["metrics"]["roc_auc"] == out["test"]["metrics"]["roc_auc"]
 
 
-def test_trained_run_exports_for_serving(resumed_run, tmp_path):
+def test_operating_point_reaches_the_target_sensitivity_out_of_fold_and_is_used_on_test(resumed_run):
+    model_dir, out, _, _ = resumed_run
+    point = json.loads((model_dir / "operating_point.json").read_text())
+    with (model_dir / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    oof = [r for r in rows if r["split"] == "train"]
+    melanoma = np.array([float(r["melanoma_probability_last_epoch"]) for r in oof if r["label"] == "1"])
+    rounding = 1e-6  # predictions.csv has 6 decimals
+    sensitivity = np.mean(melanoma >= point["threshold"] - rounding)
+    assert sensitivity >= 0.9 and sensitivity == pytest.approx(point["sensitivity"])
+    # the highest such threshold: the next melanoma score above it would lose the target
+    assert np.sum(melanoma > point["threshold"] + rounding) < 0.9 * len(melanoma)
+    assert out["test"]["threshold"] == point["threshold"]
+    test = [r for r in rows if r["split"] == "test"]
+    assert all(int(r["predicted"]) == (float(r["melanoma_probability"]) >= point["threshold"]) for r in test)
+    calibration = out["test"]["calibration"]
+    brier = np.mean([(float(r["melanoma_probability"]) - int(r["label"])) ** 2 for r in test])
+    assert calibration["brier_score"] == pytest.approx(brier) and sum(calibration["images_per_bin"]) == len(test)
+    assert (model_dir / "reliability_test.png").is_file()
+
+
+def test_trained_run_exports_for_serving_at_the_segmenters_size(resumed_run, tmp_path):
+    """The tiny run computes at 99x99; its export takes the 227x227 masked image the segmenter
+    sends, resizes it in the graph, and calls melanoma at the run's operating point."""
     from melanoma_tf.serving import export_classifier
 
     model_dir, _, _, _ = resumed_run
     export_dir = export_classifier.export(model_dir, tmp_path / "melanoma_classifier" / "1")
     serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-    images = np.random.default_rng(3).integers(0, 256, (2, 99, 99, 3), dtype=np.uint8)
+    images = np.random.default_rng(3).integers(0, 256, (2, 227, 227, 3), dtype=np.uint8)
+    out = {k: v.numpy() for k, v in serve(masked_image=tf.constant(images)).items()}
     trained = keras.models.load_model(model_dir / "final_model.keras", compile=False)
-    np.testing.assert_allclose(serve(masked_image=tf.constant(images))["probabilities"].numpy(),
-                               trained.predict(images, verbose=0), atol=1e-5)
+    resized = tf.cast(tf.round(tf.image.resize(images, [99, 99], antialias=True)), tf.uint8).numpy()
+    np.testing.assert_allclose(out["probabilities"], trained.predict(resized, verbose=0), atol=1e-5)
+    threshold = json.loads((model_dir / "operating_point.json").read_text())["threshold"]
+    np.testing.assert_array_equal(out["class_id"], out["melanoma_probability"] >= threshold)
+    assert (export_dir / "assets.extra" / "operating_point.json").is_file()
 
 
 def test_rerun_with_other_params_is_refused(resumed_run, records_2fold):
     model_dir, _, _, _ = resumed_run
     with pytest.raises(ValueError, match="other params"):
-        task.train(records_2fold, model_dir, config_files=["cls_tiny_test.yaml"], epochs=EPOCHS + 1)
+        task.train(records_2fold, model_dir, **{**RUN, "epochs": EPOCHS + 1})
 
 
 def test_early_stopping_count_survives_a_restart():

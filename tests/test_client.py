@@ -16,9 +16,10 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.config import model_server_config_pb2
 
-import serving_fakes as fakes
 from melanoma_tf.client import ImageDecodeError, MelanomaClient, PredictionError
 from melanoma_tf.serving.server import start_server
+
+import serving_fakes as fakes
 
 
 def _config(exports: Path) -> model_server_config_pb2.ModelServerConfig:
@@ -35,7 +36,7 @@ def _config(exports: Path) -> model_server_config_pb2.ModelServerConfig:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = fakes.copy_exports(tmp_path_factory.mktemp("client") / "exports")
-    fakes.build_classifier(base / fakes.CLASSIFIER / "2", bias=0.5, warmup=False)
+    fakes.build_classifier(base / fakes.CLASSIFIER / "2", bias=0.5, warmup=False, threshold=0.97)
     return base
 
 
@@ -146,6 +147,17 @@ def test_predict_many_streams_every_item_once(client, tmp_path: Path) -> None:
     assert "decode" in by_index[7].error
     assert by_index[8].image_id == "array-one" and by_index[8].ok
     assert by_index[9].image_id == "missing" and "cannot read image" in by_index[9].error
+
+
+def test_decisions_use_the_served_operating_point_unless_a_threshold_is_given(server) -> None:
+    data = fakes.encode_png(fakes.lesion_image(30, 30, seed=3))
+    with MelanomaClient(server.target, classifier_label="canary") as canary:
+        served = canary.predict(data)
+    assert 0.5 <= served.melanoma_probability < 0.97  # between the two thresholds
+    assert served.threshold == pytest.approx(0.97) and served.is_melanoma is False
+    with MelanomaClient(server.target, classifier_label="canary", threshold=0.5) as overridden:
+        given = overridden.predict(data)
+    assert given.threshold == 0.5 and given.is_melanoma is True
 
 
 def test_versions_and_labels(server) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html.parser
 import io
 import json
@@ -62,6 +63,18 @@ class FakeChain:
             p = p + 1e-3 if p == 0.5 else p  # the ISIC scorer calls > 0.5 melanoma, we >= 0.5
             yield LesionPrediction(image_id, p, p >= 0.5, mask, (0.0,) * 4, 0.9, "ok", {}, index,
                                    model_versions={"lesion_segmenter": 1, "melanoma_classifier": 1})
+
+
+class ServedThresholds(FakeChain):
+    """FakeChain whose answers carry served thresholds, cycling through `thresholds`."""
+
+    def __init__(self, labels: dict[str, str], thresholds: list[float]):
+        super().__init__(labels)
+        self.thresholds = thresholds
+
+    def predict_many(self, images, concurrency=8):
+        for i, result in enumerate(super().predict_many(images, concurrency)):
+            yield dataclasses.replace(result, threshold=self.thresholds[i % len(self.thresholds)])
 
 
 def _labels(data_dir: Path) -> dict[str, str]:
@@ -156,6 +169,19 @@ def test_classification_numbers_equal_the_isic_scorer(which, request, tmp_path, 
         assert ours[key]["value"] == pytest.approx(theirs, abs=1e-6), key
     table = ours["table2"]
     assert sum(table["actual_melanoma"].values()) == sum(r["melanoma"] for r in rows)
+
+
+def test_decisions_default_to_the_served_threshold_which_must_be_one(synthetic_dir, tmp_path):
+    labels = _labels(synthetic_dir)
+    metrics = evaluate.evaluate(synthetic_dir, ServedThresholds(labels, [0.6]), tmp_path / "one", bootstrap=20,
+                                progress=False, write_html=False)
+    assert metrics["threshold"] == 0.6
+    scored = [r for r in _rows(tmp_path / "one") if r["score"] is not None]
+    assert all(r["predicted"] == (r["score"] >= 0.6) for r in scored)
+    assert any(0.5 <= r["score"] < 0.6 for r in scored), "no image tells 0.6 from 0.5"
+    with pytest.raises(ValueError, match=r"different thresholds \[0.6, 0.7\]"):
+        evaluate.evaluate(synthetic_dir, ServedThresholds(labels, [0.6, 0.7]), tmp_path / "two", bootstrap=20,
+                          progress=False, write_html=False)
 
 
 def test_no_lesion_is_scored_as_nevus_and_failures_are_listed(fake_report):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +18,30 @@ from melanoma_tf.tasks import melanoma_classification as task
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["paper", "descriptors"])
+RUNS = {
+    "paper": ("melanoma_alexnet_paper", {"model": {"dense_units": [8]}}),
+    "descriptors": ("melanoma_alexnet_paper", {"model": {"dense_units": [8], "descriptors": True}}),
+    "efficientnet_lite0": ("melanoma_efficientnet_lite0", {}),
+}
+THRESHOLD = 0.42  # an operating point as training would choose it
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
 def run_and_export(request, tmp_path_factory) -> tuple[Path, Path]:
-    """A run folder as `train` leaves it (params.yaml + final_model.keras), untrained: the paper's
-    227x227 network with an 8-unit head, so that saving and exporting take seconds; and the same
-    with the lesion descriptors, whose graph ops the SavedModel must carry too."""
+    """A run folder as `train` leaves it (params.yaml, final_model.keras, operating_point.json),
+    untrained: the paper's 227x227 network with an 8-unit head, so that saving and exporting
+    take seconds; the same with the lesion descriptors, whose graph ops the SavedModel must
+    carry too; and the pretrained EfficientNet-Lite0 with a random (not zero) softmax layer."""
     model_dir = tmp_path_factory.mktemp("cls_run")
-    params = task.resolve_params(params_override={"model": {"dense_units": [8], "descriptors": request.param}})
+    experiment, override = RUNS[request.param]
+    params = task.resolve_params(experiment, params_override=override)
     configs.save_config(params, model_dir / "params.yaml")
     model = task.build_model(params, training=True)
     task.adapt_normalization(model, np.random.default_rng(0).integers(0, 256, (4, 227, 227, 3), dtype=np.uint8))
+    head = model.get_layer("probabilities")
+    head.set_weights([np.random.default_rng(2).normal(0, 0.05, w.shape) for w in head.get_weights()])
     model.save(model_dir / "final_model.keras")
+    (model_dir / "operating_point.json").write_text(json.dumps({"threshold": THRESHOLD}))
     export_dir = tmp_path_factory.mktemp("exports") / "melanoma_classifier" / "1"
     export_classifier.export(model_dir, export_dir)
     return model_dir, export_dir
@@ -51,6 +65,7 @@ def test_signature_has_the_agreed_names_shapes_and_dtypes(serving_fn):
         "melanoma_probability": (tf.float32, [None]),
         "probabilities": (tf.float32, [None, 2]),
         "class_id": (tf.int32, [None]),
+        "threshold": (tf.float32, [None]),
     }
 
 
@@ -59,7 +74,8 @@ def test_outputs_are_consistent_and_match_the_trained_model(serving_fn, run_and_
     out = {k: v.numpy() for k, v in serving_fn(masked_image=tf.constant(images)).items()}
     np.testing.assert_allclose(out["probabilities"].sum(1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(out["melanoma_probability"], out["probabilities"][:, 1])
-    np.testing.assert_array_equal(out["class_id"], (out["melanoma_probability"] >= 0.5).astype(np.int32))
+    np.testing.assert_array_equal(out["class_id"], (out["melanoma_probability"] >= THRESHOLD).astype(np.int32))
+    np.testing.assert_array_equal(out["threshold"], np.float32(THRESHOLD))
     _, trained = export_classifier.load_trained(run_and_export[0])
     np.testing.assert_allclose(out["probabilities"], trained.predict(images, verbose=0), atol=1e-5)
 

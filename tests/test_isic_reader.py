@@ -143,20 +143,18 @@ def bad_dataset(tmp_path) -> Path:
     add("cmyk", _jpeg_bytes(rgb, "CMYK"))
     add("gray", _jpeg_bytes(rgb, "L"))
     opaque = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
-    buf = io.BytesIO(); Image.fromarray(opaque).save(buf, format="PNG")
-    add("rgba_opaque", buf.getvalue(), ".png")
-    see_through = opaque.copy(); see_through[0, 0, 3] = 0
-    buf = io.BytesIO(); Image.fromarray(see_through).save(buf, format="PNG")
-    add("rgba_transparent", buf.getvalue(), ".png")
-    buf = io.BytesIO(); Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(buf, format="PNG")
-    add("gray16", buf.getvalue(), ".png")
+    add("rgba_opaque", _png(opaque), ".png")
+    see_through = opaque.copy()
+    see_through[0, 0, 3] = 0
+    add("rgba_transparent", _png(see_through), ".png")
+    add("gray16", _png(rgb[..., 0].astype(np.uint16) * 257), ".png")
     add("mask_wrong_size", mask_arr=np.pad(mask, 2))
     add("mask_empty", mask_arr=np.zeros_like(mask))
     add("mask_values", mask_arr=np.where(mask > 0, 128, 0).astype(np.uint8))
     add("no_label")
     add("dup")
     add("dup", suffix=".png", data=_png(rgb))
-    labels = [[i, 0, 0] for i in dict.fromkeys(ids) if i != "no_label"]
+    labels = [[i, 0, 0] for i in dict.fromkeys(ids) if i != "no_label"] + [["missing_file", 1, 0]]
     _write_csv(root / "labels.csv", ["image_id", "melanoma", "seborrheic_keratosis"], labels)
     return root
 
@@ -178,6 +176,7 @@ EXPECTED_SKIPS = {
     "mask_values": "values other than 0/255 (0, 128)",
     "no_label": "image without label",
     "dup": "duplicate image id dup",
+    "missing_file": "missing_file is labelled but has no image file",
 }
 
 
@@ -189,7 +188,10 @@ def test_every_bad_input_is_skipped_and_reported_with_its_file(bad_dataset, tmp_
     assert set(skipped) == set(EXPECTED_SKIPS)
     for image_id, reason in EXPECTED_SKIPS.items():
         assert reason in skipped[image_id]["reason"], skipped[image_id]
-        assert Path(skipped[image_id]["path"]).name.startswith(image_id)
+        assert "object at 0x" not in skipped[image_id]["reason"], skipped[image_id]
+        expected_file = "labels.csv" if image_id == "missing_file" else image_id
+        assert Path(skipped[image_id]["path"]).name.startswith(expected_file)
+    assert "corrupt.jpg" in skipped["corrupt"]["reason"]
     converted = {r["image_id"] for r in report if r["action"] == "converted"}
     assert converted == {"cmyk", "gray", "rgba_opaque", "gray16"}
     assert set(manifest["images"]) == {"good", "dup", "cmyk", "gray", "rgba_opaque", "gray16"}
@@ -224,3 +226,54 @@ def test_cli_reports_problems_and_exit_status(bad_dataset, tmp_path, capsys):
     assert main(["--data-dir", str(bad_dataset), "--output-dir", str(tmp_path / "s"), "--strict",
                  "--num-workers", "1"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.fixture
+def isic2017_download(tmp_path) -> Path:
+    """An ISIC 2017 download in miniature: Training (8), Validation (4), Test_v2 (4), half melanoma."""
+    root = tmp_path / "isic2017"
+    for split, n in (("Training", 8), ("Validation", 4), ("Test_v2", 4)):
+        rows = []
+        for i in range(n):
+            image_id = f"ISIC_{split}_{i}"
+            _pair(root / f"ISIC-2017_{split}_Data", root / f"ISIC-2017_{split}_Part1_GroundTruth", image_id)
+            rows.append([image_id, f"{i % 2}.0", "0.0"])
+        _write_csv(root / f"ISIC-2017_{split}_Part3_GroundTruth.csv", ["image_id", "melanoma", "seborrheic_keratosis"],
+                   rows)
+    return root
+
+
+def test_official_test_set_becomes_the_test_split_and_validation_joins_training(isic2017_download, tmp_path):
+    manifest = build(isic2017_download, tmp_path / "official", folds=2, progress=False)
+    splits = {i: r["split"] for i, r in manifest["images"].items()}
+    assert manifest["options"]["split_rule"] == "official"
+    assert {i for i, s in splits.items() if s == "test"} == {f"ISIC_Test_v2_{i}" for i in range(4)}
+    assert all(manifest["images"][f"ISIC_Validation_{i}"]["fold"] in (0, 1) for i in range(4))
+    stratified = build(isic2017_download, tmp_path / "stratified", split="stratified", test_fraction=0.25, folds=2,
+                       progress=False)
+    test = {i for i, r in stratified["images"].items() if r["split"] == "test"}
+    assert stratified["options"]["split_rule"] == "stratified" and len(test) == 4
+    assert test != {f"ISIC_Test_v2_{i}" for i in range(4)}
+
+
+def test_official_split_without_a_test_set_is_an_error(bad_dataset, tmp_path):
+    with pytest.raises(ValueError, match="no labelled official test set"):
+        build(bad_dataset, tmp_path / "o", split="official", folds=1, progress=False)
+    assert build(bad_dataset, tmp_path / "a", test_fraction=0, folds=1, progress=False)["options"]["split_rule"] == \
+        "stratified"
+
+
+def test_a_separate_test_folder_is_the_test_split_and_every_training_image_trains(isic2017_download, tmp_path):
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    shutil.copytree(isic2017_download, train_dir, ignore=shutil.ignore_patterns("*Test_v2*"))
+    shutil.copytree(isic2017_download, test_dir, ignore=shutil.ignore_patterns("*Training*", "*Validation*"))
+    manifest = build(train_dir, tmp_path / "records", folds=2, test_data_dir=test_dir, progress=False)
+    assert manifest["options"]["split_rule"] == "test_data_dir"
+    assert set(manifest["splits"]["test"]) == {f"ISIC_Test_v2_{i}" for i in range(4)}
+    assert len(manifest["splits"]["train"]) == 12
+    shutil.copytree(isic2017_download / "ISIC-2017_Validation_Data", test_dir / "images")
+    _write_csv(test_dir / "labels.csv", ["image_id", "melanoma", "seborrheic_keratosis"],
+               [["ISIC_Validation_2", 0, 0]])
+    with pytest.raises(ValueError, match=f"{test_dir}: image ISIC_Validation_2 is also in the training folder"):
+        build(train_dir, tmp_path / "shared", folds=2, test_data_dir=test_dir, progress=False)
+    assert not (tmp_path / "shared").exists()

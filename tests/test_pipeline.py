@@ -2,7 +2,6 @@
 walkthrough notebook executes on the same work dir."""
 
 import json
-import os
 from pathlib import Path
 
 import nbformat
@@ -38,6 +37,11 @@ def test_rerun_skips_finished_steps(smoke_work, synthetic_dir, capsys):
     out = capsys.readouterr().out
     for step in ("data", "records", "segmentation", "classification", "export", "evaluate"):
         assert f"[{step}] up to date, skipped" in out
+    metrics = json.loads((work / "report" / "metrics.json").read_text())
+    auc = metrics["classification"]["roc_auc"]
+    assert f"ROC AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]" in out
+    assert str(work / "report" / "index.html") in out and str(work / "exports" / "melanoma_classifier" / "1") in out
+    assert f"--model-base-path-map /models={work / 'exports'}" in out
 
 
 def test_exporting_again_adds_the_next_version(smoke_work, synthetic_dir):

@@ -21,8 +21,9 @@ import dataclasses
 from official.core import config_definitions as cfg
 from official.core import exp_factory
 from official.modeling import optimization
-from official.vision.configs import backbones
-from official.vision.configs import maskrcnn
+from official.vision.configs import backbones, maskrcnn
+
+from melanoma_tf import masking
 
 PAPER_EXPERIMENT = "lesion_maskrcnn_r101_fpn"
 CPU_EXPERIMENT = "lesion_maskrcnn_cpu"
@@ -60,7 +61,7 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
     # ISIC 2018 scores a Jaccard below this as 0.
     jaccard_threshold: float = 0.65
     # Output size of the masked image the segmenter hands the classifier.
-    classifier_input_size: int = 227
+    classifier_input_size: int = masking.CLASSIFIER_INPUT_SIZE
 
 
 def _optimizer(lr: float, steps: int, warmup_steps: int) -> optimization.OptimizationConfig:

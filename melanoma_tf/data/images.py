@@ -51,8 +51,11 @@ def _open(path: Path) -> tuple[bytes, Image.Image]:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # forces a full decode: truncated and corrupt files fail here
+    except Image.UnidentifiedImageError:  # its message names the BytesIO, not the file
+        raise BadInput(path, f"not a decodable image ({path.name}: not in an image format Pillow reads, "
+                             "or its header is corrupt)") from None
     except Exception as e:  # Pillow raises many types for corrupt data
-        raise BadInput(path, f"not a decodable image ({e})") from e
+        raise BadInput(path, f"not a decodable image ({path.name}: {e})") from e
     if img.width == 0 or img.height == 0:
         raise BadInput(path, f"image has zero size {img.width}x{img.height}")
     return data, img

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 MELANOMA, NEVUS, OTHER = "melanoma", "nevus", "other"
+# Layout parts holding a challenge's official test set (labelled when its ground-truth CSV is there).
+OFFICIAL_TEST_SOURCES = ("isic2016/Test", "isic2017/Test_v2", "isic2018/Test")
 LABELS = (NEVUS, MELANOMA, OTHER)  # index = class id in the records
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 _MASK_SUFFIX = re.compile(r"_(segmentation|Segmentation)$")
@@ -210,11 +212,13 @@ def read_dataset(data_dir: Path | str, include_other: bool = False
             "or an isic-cli metadata.csv)")
 
     labels: dict[str, tuple[str, str | None]] = {}
+    listed_in: dict[str, Path] = {}
     for part in parts:
         for path, reader in part.label_files:
             try:
                 for image_id, value in reader(path).items():
                     labels.setdefault(image_id, value)
+                    listed_in.setdefault(image_id, path)
             except (KeyError, csv.Error, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not a valid label file ({e!r})") from e
 
@@ -237,4 +241,10 @@ def read_dataset(data_dir: Path | str, include_other: bool = False
                     continue
                 items[image_id] = LesionItem(image_id, path, label, part.source,
                                              masks.get(image_id), lesion_id)
+    seen = {p.image_id for p in problems} | set(items)
+    for image_id in sorted(set(labels) - seen):
+        label, _ = labels[image_id]
+        if label != OTHER or include_other:
+            problems.append(Problem(str(listed_in[image_id]), f"{image_id} is labelled but has no image file",
+                                    image_id))
     return [items[k] for k in sorted(items)], problems

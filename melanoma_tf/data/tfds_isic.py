@@ -54,9 +54,7 @@ class IsicLesions(tfds.core.GeneratorBasedBuilder):
         items, problems = isic.read_dataset(dl_manager.manual_dir, include_other=True)
         for p in problems:
             logging.warning("skipped %s: %s", p.path, p.reason)
-        is_test, fold = tfrecords.assign_splits(
-            [it.label for it in items], [it.mask_path is not None for it in items],
-            [it.lesion_id or it.image_id for it in items], TEST_FRACTION, FOLDS, SEED)
+        is_test, fold, _ = tfrecords.split_items(items, "auto", TEST_FRACTION, FOLDS, SEED)
         rows = list(zip(items, is_test, fold))
         return {
             "train": self._generate_examples([(it, f) for it, t, f in rows if not t]),

@@ -13,14 +13,25 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import (ConfusionMatrixDisplay, RocCurveDisplay, accuracy_score,
-                             balanced_accuracy_score, confusion_matrix, precision_score,
-                             recall_score, roc_auc_score, roc_curve)
+from sklearn.calibration import CalibrationDisplay, calibration_curve
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    RocCurveDisplay,
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 
 METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "balanced_accuracy",
            "sensitivity_at_80_specificity", "sensitivity_at_90_specificity")
+OPERATING_POINT_FILE = "operating_point.json"  # a training run's chosen threshold, read by the exporter
 PAPER = {"accuracy": 0.802, "sensitivity": 0.702, "specificity": 0.901, "precision": 0.878}
 
 
@@ -28,6 +39,25 @@ def sensitivity_at_specificity(y_true: np.ndarray, score: np.ndarray, specificit
     """Highest sensitivity on the ROC curve among thresholds whose specificity is >= the target."""
     fpr, tpr, _ = roc_curve(y_true, score)
     return float(tpr[fpr <= 1.0 - specificity + 1e-12].max())
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold at which these predictions reach the target sensitivity: a screening
+    tool's operating point, chosen on predictions the model did not train on."""
+    _, tpr, thresholds = roc_curve(np.asarray(y_true).astype(int), score, drop_intermediate=False)
+    return float(thresholds[np.argmax(tpr >= sensitivity)])  # thresholds decrease, tpr increases
+
+
+def calibration(y_true: np.ndarray, score: np.ndarray, bins: int = 10) -> dict:
+    """Brier score and the reliability table (uniform bins of predicted probability): is the
+    melanoma probability a probability?"""
+    y_true, score = np.asarray(y_true).astype(int), np.asarray(score, float)
+    observed, predicted = calibration_curve(y_true, score, n_bins=bins, strategy="uniform")
+    counts = np.histogram(score, bins=np.linspace(0, 1, bins + 1))[0]
+    return {"brier_score": float(brier_score_loss(y_true, score)),
+            "reliability": [{"mean_predicted": float(p), "fraction_melanoma": float(o)}
+                            for p, o in zip(predicted, observed)],
+            "images_per_bin": counts.tolist()}
 
 
 def classification_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -123,6 +153,18 @@ def plot_confusion(y_true: np.ndarray, score: np.ndarray, path: str | Path, thre
                                             display_labels=["melanoma", "nevus"], ax=ax,
                                             colorbar=False, cmap="Blues")
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_reliability(y_true: np.ndarray, score: np.ndarray, path: str | Path, title: str = "", bins: int = 10) -> Path:
+    """Reliability diagram: observed melanoma fraction against mean predicted probability per bin."""
+    fig = _figure()
+    ax = fig.subplots()
+    CalibrationDisplay.from_predictions(np.asarray(y_true).astype(int), score, n_bins=bins, ax=ax,
+                                        name=f"Brier {brier_score_loss(np.asarray(y_true).astype(int), score):.3f}")
+    ax.set(title=title, xlabel="predicted melanoma probability", ylabel="fraction melanoma")
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)

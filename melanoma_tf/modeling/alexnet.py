@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from melanoma_tf.modeling import lesion_descriptors
+from melanoma_tf.modeling import lesion_descriptors, pretrained
 
 CLASS_NAMES = ("nevus", "melanoma")
 INPUT_NAME = "masked_image"
@@ -179,11 +179,7 @@ def alexnet(input_shape: Sequence[int] = (227, 227, 3), num_classes: int = 2,
         if dropout:
             x = layers.Dropout(dropout, name=f"fc{i + 1}_dropout")(x)
     if descriptors:
-        described = lesion_descriptors.LesionDescriptors(name="lesion_descriptors")(inputs)
-        # Not batch norm: with its batch statistics a linear model on these lost 0.08 AUC.
-        described = layers.Normalization(axis=-1, name="descriptors_normalization")(described)
-        if descriptors_scale != 1.0:
-            described = layers.Rescaling(descriptors_scale, name="descriptors_scale")(described)
+        described = lesion_descriptors.standardised_descriptors(inputs, descriptors_scale)
         x = layers.Concatenate(name="features_and_descriptors")([x, described])
     outputs = layers.Dense(num_classes, activation="softmax", kernel_initializer=output_initializer,
                            name="probabilities")(x)
@@ -195,13 +191,4 @@ def inference_copy(model: keras.Model, **kwargs) -> keras.Model:
 
     kwargs are the `alexnet` arguments the model was built with (augment is dropped).
     """
-    kwargs = {**kwargs, "augment": None}
-    clone = alexnet(**kwargs)
-    for layer in clone.layers:
-        if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
-            # An adapted Normalization computes with constants made from its variables by
-            # finalize_state (as on load); set_weights alone leaves it at mean 0, variance 1.
-            if isinstance(layer, layers.Normalization):
-                layer.finalize_state()
-    return clone
+    return pretrained.copy_weights(model, alexnet(**{**kwargs, "augment": None}))

@@ -106,3 +106,15 @@ class LesionDescriptors(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], NUM_DESCRIPTORS)
+
+
+def standardised_descriptors(images: keras.KerasTensor, scale: float = 1.0) -> keras.KerasTensor:
+    """The lesion's descriptors of uint8 images, standardised by a `Normalization` layer (to
+    `adapt` on the training images, layer 'descriptors_normalization') and multiplied by scale:
+    under SGD their weights then learn scale^2 times faster, which a linear model on them needs."""
+    described = LesionDescriptors(name="lesion_descriptors")(images)
+    # Not batch norm: with its batch statistics a linear model on these lost 0.08 AUC.
+    described = layers.Normalization(axis=-1, name="descriptors_normalization")(described)
+    if scale != 1.0:
+        described = layers.Rescaling(scale, name="descriptors_scale")(described)
+    return described

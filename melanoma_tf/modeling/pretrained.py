@@ -74,3 +74,16 @@ def load(model: keras.Model, path: str | Path, layer_names: Sequence[str] = CONV
                              f"the model's are {[w.shape for w in ours]}")
         layer.set_weights(theirs)
     return list(layer_names)
+
+
+def copy_weights(source: keras.Model, target: keras.Model) -> keras.Model:
+    """Sets every layer of target that has weights from source's layer of the same name (e.g. a
+    trained network into its inference twin without augmentation); returns target."""
+    for layer in target.layers:
+        if layer.weights:
+            layer.set_weights(source.get_layer(layer.name).get_weights())
+            # An adapted Normalization computes with constants made from its variables by
+            # finalize_state (as on load); set_weights alone leaves it at mean 0, variance 1.
+            if isinstance(layer, keras.layers.Normalization):
+                layer.finalize_state()
+    return target

@@ -3,19 +3,25 @@
 The serving contract (the gRPC client is built against exactly these names):
 
     signature 'serving_default'
-      input   masked_image          uint8   [None, S, S, 3]   (S = data.input_size, 227 for the paper)
+      input   masked_image          uint8   [None, 227, 227, 3]
       outputs melanoma_probability  float32 [None]
               probabilities         float32 [None, 2]          (nevus, melanoma)
-              class_id              int32   [None]             (1 = melanoma, at probability >= 0.5)
+              class_id              int32   [None]             (1 = melanoma, at probability >= threshold)
+              threshold             float32 [None]             (the decision threshold class_id used)
 
-Input must already be masked the training way (`melanoma_tf.masking.mask_lesion`); the
-segmentation exporter does that in graph. The signature's TensorSpec rejects other shapes and
-dtypes. The export module follows Model Garden's `export_base.ExportModule`; the exported network
-is the trained one without its augmentation layers (identities at inference anyway).
+The input is the masked lesion as the segmenter's export produces it
+(`masking.CLASSIFIER_INPUT_SIZE`), whatever size the classifier trained at (`data.input_size`):
+another size is resized in the graph, so any classifier export chains with any segmenter
+export. The threshold is the run's operating point (`operating_point.json`, chosen for a target
+sensitivity on out-of-fold predictions) when it has one, else `evaluation.threshold`; both
+files go into assets.extra beside the run's params.yaml. The export module follows Model
+Garden's `export_base.ExportModule`; the exported network is the trained one without its
+augmentation layers (identities at inference anyway).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -27,14 +33,16 @@ import tensorflow as tf
 from official.core import export_base
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+from melanoma_tf import masking
 from melanoma_tf.configs import classification as configs
+from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.modeling import alexnet as alexnet_lib
+from melanoma_tf.modeling import factory
 from melanoma_tf.serving import model_registry
-from melanoma_tf.tasks import melanoma_classification as task
 
 SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-DECISION_THRESHOLD = 0.5
+INPUT_SIZE = masking.CLASSIFIER_INPUT_SIZE
 
 
 def _inference_step(masked_image: tf.Tensor, model: keras.Model) -> tf.Tensor:
@@ -44,24 +52,36 @@ def _inference_step(masked_image: tf.Tensor, model: keras.Model) -> tf.Tensor:
 class ClassifierModule(export_base.ExportModule):
     """uint8 masked lesions in; melanoma probability, both class probabilities and class id out."""
 
-    def __init__(self, params: configs.ClassificationExperiment, model: keras.Model):
+    def __init__(self, params: configs.ClassificationExperiment, model: keras.Model, threshold: float):
         super().__init__(params, model, inference_step=_inference_step)
-        self.input_size = params.data.input_size
+        self.model_size, self.threshold = params.data.input_size, threshold
+        # The SavedModel must reach every variable the graph captures; TF's object graph does
+        # not see the seed generators of dropout layers inside a nested Keras 3 model (the
+        # pretrained backbone), which the traced call captures even at inference.
+        self.model_variables = [v.value for v in model.variables]
 
     def serve(self, masked_image: tf.Tensor) -> Mapping[str, tf.Tensor]:
         # A loaded signature checks the dtype but not the shape; say which input is wrong.
-        masked_image = tf.ensure_shape(masked_image, [None, self.input_size, self.input_size, 3],
-                                       name=alexnet_lib.INPUT_NAME)
+        masked_image = tf.ensure_shape(masked_image, [None, INPUT_SIZE, INPUT_SIZE, 3], name=alexnet_lib.INPUT_NAME)
+        if self.model_size != INPUT_SIZE:  # as masking would have made it at the training size
+            masked_image = tf.cast(tf.round(tf.image.resize(masked_image, [self.model_size] * 2, antialias=True)),
+                                   tf.uint8)
         probabilities = tf.cast(self.inference_step(masked_image), tf.float32)
         melanoma = probabilities[:, alexnet_lib.CLASS_NAMES.index("melanoma")]
         return {"melanoma_probability": melanoma, "probabilities": probabilities,
-                "class_id": tf.cast(melanoma >= DECISION_THRESHOLD, tf.int32)}
+                "class_id": tf.cast(melanoma >= self.threshold, tf.int32),
+                "threshold": tf.fill(tf.shape(melanoma), tf.constant(self.threshold, tf.float32))}
 
     def get_inference_signatures(self, function_keys: Mapping[str, str]) -> dict:
-        spec = tf.TensorSpec([None, self.input_size, self.input_size, 3], tf.uint8,
-                             name=alexnet_lib.INPUT_NAME)
+        spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8, name=alexnet_lib.INPUT_NAME)
         serve = tf.function(self.serve, input_signature=[spec])
         return {key: serve.get_concrete_function() for key in function_keys.values()}
+
+
+def decision_threshold(model_dir: str | Path, params: configs.ClassificationExperiment) -> float:
+    """The run's operating point if it chose one, else evaluation.threshold."""
+    point = Path(model_dir) / metrics.OPERATING_POINT_FILE
+    return float(json.loads(point.read_text())["threshold"]) if point.is_file() else params.evaluation.threshold
 
 
 def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
@@ -77,13 +97,13 @@ def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained classifier (train it first, or pass --checkpoint)")
     if path.name.endswith(".weights.h5"):
-        trained = task.build_model(params, training=True)
+        trained = factory.build_classifier(params, training=True)
         trained.load_weights(str(path))
     else:
         # compile=False: Keras 3.15 cannot rebuild the saved AUC(label_weights) metric, and
         # inference needs no optimizer or metrics anyway.
         trained = keras.models.load_model(path, compile=False)
-    return params, alexnet_lib.inference_copy(trained, **task.model_kwargs(params))
+    return params, factory.inference_model(trained, params)
 
 
 def warmup_requests(model_name: str, input_size: int, batch: int = 2) -> list[prediction_log_pb2.PredictionLog]:
@@ -102,11 +122,13 @@ def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path
     export_dir = Path(export_dir)
     with model_registry.writing_version(export_dir) as tmp:
         params, model = load_trained(model_dir, checkpoint)
-        module = ClassifierModule(params, model)
+        module = ClassifierModule(params, model, decision_threshold(model_dir, params))
         export_base.export(module, [SIGNATURE], str(tmp), timestamped=False)
         (tmp / "assets.extra").mkdir(exist_ok=True)
         with tf.io.TFRecordWriter(str(tmp / WARMUP_FILE)) as writer:
-            for log in warmup_requests(export_dir.parent.name or "melanoma_classifier", params.data.input_size):
+            for log in warmup_requests(export_dir.parent.name or "melanoma_classifier", INPUT_SIZE):
                 writer.write(log.SerializeToString())
-        shutil.copy(Path(model_dir) / "params.yaml", tmp / "assets.extra" / "params.yaml")
+        for name in ("params.yaml", metrics.OPERATING_POINT_FILE):
+            if (Path(model_dir) / name).is_file():
+                shutil.copy(Path(model_dir) / name, tmp / "assets.extra" / name)
     return export_dir

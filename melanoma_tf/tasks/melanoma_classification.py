@@ -16,11 +16,13 @@ Class imbalance: class weights by default (`data.imbalance`), balanced sampling 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -33,10 +35,10 @@ from melanoma_tf import masking, tfrecords
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.evaluation import tta as tta_lib
-from melanoma_tf.modeling import alexnet as alexnet_lib
-from melanoma_tf.modeling import pretrained
+from melanoma_tf.modeling import factory, pretrained
 
 NEVUS, MELANOMA = 0, 1
+TIMING_FILE = "timing.json"
 
 
 @dataclasses.dataclass
@@ -56,9 +58,10 @@ class LesionSet:
 
 
 def read_lesions(data_dir: str | Path, split: str, data: configs.DataConfig,
-                 view: str | None = None) -> LesionSet:
-    """Melanoma and nevus images of a split whose mask the config accepts, as the classifier sees
-    them (`view` overrides data.view)."""
+                 view: str | None = None, classes: Sequence[int] = (NEVUS, MELANOMA)) -> LesionSet:
+    """Images of a split whose class is one of `classes` (record label ids; 2 is seborrheic
+    keratosis or another benign lesion) and whose mask the config accepts, as the classifier
+    sees them (`view` overrides data.view)."""
     files = sorted(tf.io.gfile.glob(tfrecords.split_pattern(data_dir, split)))
     if not files:
         raise FileNotFoundError(f"no {tfrecords.split_pattern(data_dir, split)} records")
@@ -66,9 +69,9 @@ def read_lesions(data_dir: str | Path, split: str, data: configs.DataConfig,
     sources = tf.constant(list(data.mask_sources) or [""])
 
     def usable(r):
-        melanoma_or_nevus = r["label"] <= MELANOMA
+        wanted = tf.reduce_any(tf.equal(r["label"], tf.constant(list(classes), tf.int64)))
         accepted = tf.logical_and(r["has_mask"] == 1, tf.reduce_any(tf.equal(r["mask_source"], sources)))
-        return tf.logical_and(melanoma_or_nevus, tf.logical_or(accepted, data.include_unmasked))
+        return tf.logical_and(wanted, tf.logical_or(accepted, data.include_unmasked))
 
     def prepare(r):
         return (to_view(r["image"], r["mask"], data.input_size, data.margin), r["label"], r["fold"],
@@ -99,21 +102,8 @@ def fold_indices(folds: np.ndarray, k: int, num_folds: int) -> tuple[np.ndarray,
 
 
 def build_model(params: configs.ClassificationExperiment, training: bool = True) -> keras.Model:
-    """The configured AlexNet; with the training-only augmentation when `training`."""
-    a = params.model.augmentation
-    augment = alexnet_lib.augmentation(a.flip, a.rot90, a.brightness, a.contrast, a.rotation, a.zoom,
-                                       seed=params.training.seed) if training else None
-    return alexnet_lib.alexnet(**model_kwargs(params), augment=augment)
-
-
-def model_kwargs(params: configs.ClassificationExperiment) -> dict:
-    m = params.model
-    return dict(input_shape=(params.data.input_size, params.data.input_size, 3), num_classes=m.num_classes,
-                dense_units=tuple(m.dense_units), dropout=m.dropout, batch_norm=m.batch_norm,
-                pooling=m.pooling, kernel_initializer=m.kernel_initializer,
-                output_initializer=m.output_initializer,
-                normalization=m.normalization, working_size=m.working_size or None,
-                descriptors=m.descriptors, descriptors_scale=m.descriptors_scale)
+    """The configured classifier; with the training-only augmentation when `training`."""
+    return factory.build_classifier(params, training)
 
 
 def adapt_normalization(model: keras.Model, images: np.ndarray) -> None:
@@ -198,7 +188,7 @@ def _resume_state(run_dir: Path) -> list[dict]:
     backup_meta = run_dir / "backup" / "training_metadata.json"
     history = run_dir / "history.csv"
     if not backup_meta.exists():
-        for stale in ("history.csv", "best.weights.h5", "logs", "backup"):
+        for stale in ("history.csv", "best.weights.h5", "logs", "backup", TIMING_FILE):
             path = run_dir / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return []
@@ -213,6 +203,20 @@ def _resume_state(run_dir: Path) -> list[dict]:
     else:
         history.unlink(missing_ok=True)
     return rows
+
+
+@contextlib.contextmanager
+def _timed(path: Path):
+    """Adds the block's wall and CPU seconds (all threads of the process) to the totals in the
+    JSON file at path, so that a resumed fit reports its whole cost."""
+    totals = json.loads(path.read_text()) if path.is_file() else {"wall_seconds": 0.0, "cpu_seconds": 0.0}
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        totals["wall_seconds"] += time.perf_counter() - wall
+        totals["cpu_seconds"] += time.process_time() - cpu
+        metrics.write_json(path, totals)
 
 
 def fit(train: LesionSet, val: LesionSet | None, params: configs.ClassificationExperiment,
@@ -249,8 +253,9 @@ def fit(train: LesionSet, val: LesionSet | None, params: configs.ClassificationE
     cbs += [keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True),
             keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
             *callbacks]
-    model.fit(ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps, class_weight=class_weight,
-              callbacks=cbs, verbose=params.training.verbose, shuffle=False)  # tf.data shuffles
+    with _timed(run_dir / TIMING_FILE):
+        model.fit(ds, validation_data=val_ds, epochs=epochs, steps_per_epoch=steps, class_weight=class_weight,
+                  callbacks=cbs, verbose=params.training.verbose, shuffle=False)  # tf.data shuffles
     if val is None:
         return model, epochs
     rows = list(csv.DictReader((run_dir / "history.csv").open()))
@@ -312,12 +317,34 @@ def cross_validate(data: LesionSet, params: configs.ClassificationExperiment, mo
             "oof": [p | {"fold": r["fold"]} for r in results for p in r["predictions"]]}
 
 
-def _evaluate(labels: np.ndarray, score: np.ndarray, params: configs.ClassificationExperiment) -> dict:
+def _evaluate(labels: np.ndarray, score: np.ndarray, params: configs.ClassificationExperiment,
+              threshold: float | None = None) -> dict:
     ev = params.evaluation
-    return {"n": int(len(labels)), "n_melanoma": int(labels.sum()), "threshold": ev.threshold,
-            "metrics": metrics.metrics_with_ci(labels, score, ev.threshold, ev.bootstrap_samples,
+    threshold = ev.threshold if threshold is None else threshold
+    return {"n": int(len(labels)), "n_melanoma": int(labels.sum()), "threshold": threshold,
+            "metrics": metrics.metrics_with_ci(labels, score, threshold, ev.bootstrap_samples,
                                                params.training.seed),
-            "table_ii": metrics.table_ii(labels, score, ev.threshold), "paper": metrics.PAPER}
+            "table_ii": metrics.table_ii(labels, score, threshold), "paper": metrics.PAPER}
+
+
+def operating_point(cv: dict, params: configs.ClassificationExperiment, model_dir: Path) -> dict | None:
+    """With evaluation.target_sensitivity, the threshold that reaches it on the out-of-fold
+    predictions (each fold's last epoch: not selected on them), written to operating_point.json
+    for the exporter; None without a target."""
+    target = params.evaluation.target_sensitivity
+    if not target:
+        return None
+    labels = np.array([p["label"] for p in cv["oof"]])
+    score = np.array([p["melanoma_probability_last_epoch"] for p in cv["oof"]])
+    threshold = metrics.threshold_for_sensitivity(labels, score, target)
+    chosen = metrics.classification_metrics(labels, score, threshold)
+    point = {"threshold": threshold, "target_sensitivity": target,
+             "chosen_on": f"out-of-fold predictions (last epoch) of {len(labels)} training images",
+             "sensitivity": chosen["sensitivity"], "specificity": chosen["specificity"]}
+    metrics.write_json(model_dir / metrics.OPERATING_POINT_FILE, point)
+    print(f"operating point: threshold {threshold:.4f} gives sensitivity {point['sensitivity']:.3f}, "
+          f"specificity {point['specificity']:.3f} out of fold")
+    return point
 
 
 def summarize_cv(cv: dict, params: configs.ClassificationExperiment, model_dir: Path, title: str = "") -> dict:
@@ -398,7 +425,8 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
     """Cross-validates, trains the final model and evaluates it on the test split.
 
     Returns {"cv": cv_metrics or None, "test": test_metrics or None}; writes cv_metrics.json,
-    test_metrics.json, roc_*.png, confusion_*.png, predictions.csv, final_model.keras and
+    test_metrics.json (with calibration), roc_*.png, confusion_*.png, reliability_test.png,
+    predictions.csv, operating_point.json (with evaluation.target_sensitivity), final_model.keras and
     params.yaml into model_dir. `callbacks` are added to every fit (tests, profiling).
     """
     params = resolve_params(experiment, config_files, params_override, folds, epochs)
@@ -412,11 +440,17 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
     out: dict = {"cv": None, "test": None}
     rows: list[dict] = []
     best_epochs: list[int] = []
+    threshold = params.evaluation.threshold
     if t.folds:
         cv = cross_validate(data, params, model_dir, callbacks)
         out["cv"] = summarize_cv(cv, params, model_dir)
         rows += [p | {"split": "train"} for p in cv["oof"]]
         best_epochs = [r["best_epoch"] for r in cv["folds"]]
+        point = operating_point(cv, params, model_dir)
+        threshold = point["threshold"] if point else threshold
+    elif params.evaluation.target_sensitivity:
+        print("evaluation.target_sensitivity needs cross-validation (training.folds > 0): "
+              f"using evaluation.threshold {threshold}")
     if t.final_model:
         final_path = model_dir / "final_model.keras"
         if final_path.exists():
@@ -436,14 +470,15 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
             print(f"no test evaluation: {e}")
         else:
             score = predict(model, test.images, params.evaluation.tta)
-            out["test"] = _evaluate(test.labels, score, params)
+            out["test"] = _evaluate(test.labels, score, params, threshold)
+            out["test"]["calibration"] = metrics.calibration(test.labels, score)
             metrics.write_json(model_dir / "test_metrics.json", out["test"])
             metrics.plot_roc({"test": (test.labels, score)}, model_dir / "roc_test.png", "Test split ROC")
-            metrics.plot_confusion(test.labels, score, model_dir / "confusion_test.png",
-                                   params.evaluation.threshold, "Test split")
+            metrics.plot_confusion(test.labels, score, model_dir / "confusion_test.png", threshold, "Test split")
+            metrics.plot_reliability(test.labels, score, model_dir / "reliability_test.png", "Test split calibration")
             rows += [{"image_id": i, "split": "test", "fold": -1, "label": int(y), "melanoma_probability": float(s)}
                      for i, y, s in zip(test.image_ids, test.labels, score)]
-    _write_predictions(model_dir / "predictions.csv", rows, params.evaluation.threshold)
+    _write_predictions(model_dir / "predictions.csv", rows, threshold)
     for name, result in (("cross-validation", out["cv"] and out["cv"]["pooled"]), ("test", out["test"])):
         if result:
             print(f"{name} ({result['n']} images): " + ", ".join(
