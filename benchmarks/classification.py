@@ -7,7 +7,7 @@ Builds the records once (into --records), cross-validates the configured AlexNet
 lesions (`melanoma_tf.tasks.melanoma_classification.train`), and fits a colour-and-shape logistic
 regression on the same masked lesions and the same folds. --segmentation-features adds a
 logistic-regression head on the frozen ResNet of a segmentation run
-(`modeling.segmentation_features`), on the same folds. Each variant's numbers are merged into
+(`experiments.segmentation_features`), on the same folds. Each variant's numbers are merged into
 benchmarks/results/classification.json under its name, so variants can be compared; the table
 printed at the end shows all of them.
 """
@@ -30,13 +30,14 @@ from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from melanoma_tf import atomic, build_tfrecords
+from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.experiments import segmentation_features
+from melanoma_tf.modeling import lesion_descriptors
+from melanoma_tf.tasks import melanoma_classification as task
 
-from melanoma_tf import build_tfrecords  # noqa: E402
-from melanoma_tf.evaluation import classification as metrics  # noqa: E402
-from melanoma_tf.modeling import lesion_descriptors, segmentation_features  # noqa: E402
-from melanoma_tf.tasks import melanoma_classification as task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["S head on the segmentation ResNet's features"]["roc_auc_minus_baseline"] = \
             metrics.auc_difference(data.labels, seg_score, base_score, n=n_boot, seed=seed)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_json(args.output, results)
+    atomic.write_json(args.output, results)
     metrics.plot_roc(curves, args.output.with_suffix(".png"), "5-fold CV, ISIC sample (out-of-fold, last epoch)")
     print()
     print_table(results)

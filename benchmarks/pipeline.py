@@ -18,6 +18,7 @@ Results: benchmarks/results/pipeline-<data>-<profile>.json, the report in the wo
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -26,10 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-from melanoma_tf import pipeline, report  # noqa: E402
+from melanoma_tf import evaluate, pipeline, report
+from melanoma_tf.evaluation.bootstrap import bootstrap_ci
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -49,6 +53,27 @@ def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
     # An index naming only the copied checkpoint (the source's also lists older ones).
     (seg_dir / "checkpoint").write_text(f'model_checkpoint_path: "{latest}"\n'
                                         f'all_model_checkpoint_paths: "{latest}"\n')
+
+
+def by_image_quality(rows: list[dict], data_dir: Path) -> dict:
+    """Segmentation per image quality of the ISIC sample (`img:<quality>` in labels.csv's source
+    column: `full` or `sq256-unsquashed`): mean Jaccard and the paired difference to Otsu."""
+    labels = data_dir / "labels.csv"
+    if not labels.is_file():
+        return {}
+    with labels.open() as f:
+        quality = {r["image_id"]: m.group(1) for r in csv.DictReader(f)
+                   if (m := re.search(r"img:([^|]+)", r.get("source", "")))}
+    out = {}
+    for name in sorted(set(quality.values())):
+        scored = [r for r in rows if r["jaccard"] is not None and quality.get(r["image_id"]) == name]
+        if scored:
+            jaccard = np.array([r["jaccard"] for r in scored])
+            low, high = bootstrap_ci(np.mean, jaccard)
+            out[name] = {"images": len(scored),
+                         "jaccard": {"value": float(jaccard.mean()), "ci95": [float(low), float(high)]},
+                         "jaccard_minus_otsu": evaluate.jaccard_minus_otsu(scored)}
+    return out
 
 
 def seed_classifier(cls_from: Path, cls_dir: Path) -> None:
@@ -82,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     pipeline.run(args.data_dir, work, args.profile)
     metrics = json.loads((work / "report" / "metrics.json").read_text())
+    rows = [r for r in report.read_predictions(work / "report" / "predictions.csv") if r["jaccard"] is not None]
     steps = {m.stem: json.loads(m.read_text())["seconds"] for m in (work / ".steps").glob("*.json")}
     result = {"data_dir": os.path.relpath(args.data_dir, ROOT), "profile": args.profile,
               "settings": pipeline.PROFILES[args.profile].__dict__,
@@ -89,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
               "cls_from": os.path.relpath(args.cls_from, ROOT) if args.cls_from else "",
               "wall_minutes_this_run": round((time.time() - start) / 60, 1), "step_seconds": steps,
               "counts": metrics["counts"], "segmentation": metrics["segmentation"],
-              "segmentation_otsu": metrics["segmentation_otsu"], "classification": metrics["classification"],
+              "segmentation_otsu": metrics["segmentation_otsu"],
+              "jaccard_minus_otsu": metrics.get("jaccard_minus_otsu") or evaluate.jaccard_minus_otsu(rows),
+              "segmentation_by_image_quality": by_image_quality(rows, args.data_dir),
+              "classification": metrics["classification"],
               "paper": report.PAPER, "report": os.path.relpath(work / "report" / "index.html", ROOT)}
     baseline = RESULTS / "classification-v2.json"
     if baseline.is_file():

@@ -16,7 +16,6 @@ costs at most 10% more than in-process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,19 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
+from melanoma_tf import atomic, contract
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _version_dir(path: Path) -> Path:
     """Accept a SavedModel folder or a base path holding integer version folders."""
-    from melanoma_tf.serving import model_registry
+    from melanoma_tf.serving import versions
 
     if (path / "saved_model.pb").exists():
         return path
     try:
-        return Path(model_registry.newest_version(str(path)))
+        return Path(versions.newest_version(str(path)))
     except FileNotFoundError as e:
         raise SystemExit(f"{e} (and no saved_model.pb in it)") from None
 
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         from melanoma_tf.serving.server import start_server
 
         config = model_server_config_pb2.ModelServerConfig()
-        for name, version_dir in (("lesion_segmenter", segmenter_dir),
-                                  ("melanoma_classifier", classifier_dir)):
+        for name, version_dir in ((contract.SEGMENTER, segmenter_dir),
+                                  (contract.CLASSIFIER, classifier_dir)):
             entry = config.model_config_list.config.add(
                 name=name, base_path=str(version_dir.parent), model_platform="tensorflow")
             entry.model_version_policy.specific.versions.append(int(version_dir.name))
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gRPC / in-process throughput, {key}: {value:.3f}")
     print(f"serving overhead at batch throughput: {report['serving_overhead_at_batch_throughput_pct']}%")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.output.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temporary, args.output)
+    atomic.write_json(args.output, report, indent=2)
     print(f"wrote {args.output}")
     if scratch is not None:
         scratch.cleanup()

@@ -24,16 +24,16 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from melanoma_tf import atomic, contract, masking
+from melanoma_tf.data import isic
+from melanoma_tf.data.images import load_mask
+from melanoma_tf.evaluation import classification as cls_metrics
+from melanoma_tf.evaluation import segmentation as seg_metrics
+from melanoma_tf.evaluation import tta
+from melanoma_tf.serving import versions
 
-from melanoma_tf import masking  # noqa: E402
-from melanoma_tf.data import isic  # noqa: E402
-from melanoma_tf.data.images import load_mask  # noqa: E402
-from melanoma_tf.evaluation import classification as cls_metrics  # noqa: E402
-from melanoma_tf.evaluation import segmentation as seg_metrics  # noqa: E402
-from melanoma_tf.evaluation import tta  # noqa: E402
-from melanoma_tf.serving import model_registry  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUN = ROOT / "benchmarks" / ".runs" / "pipeline-isic-sample-cpu"
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     test_ids = set(json.loads((args.records / "manifest.json").read_text())["splits"]["test"])
     items, _ = isic.read_dataset(args.data_dir)
     items = [i for i in items if i.image_id in test_ids][:args.limit]
-    seg_path, cls_path = (Path(model_registry.newest_version(str(args.exports / name)))
-                          for name in ("lesion_segmenter", "melanoma_classifier"))
+    seg_path, cls_path = (Path(versions.newest_version(str(args.exports / name)))
+                          for name in (contract.SEGMENTER, contract.CLASSIFIER))
     segment = tf.saved_model.load(str(seg_path)).signatures["serving_image_tensor"]
     classify = tf.saved_model.load(str(cls_path)).signatures["serving_default"]
     size = int(classify.structured_input_signature[1]["masked_image"].shape[1])
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             score = np.array([r[f"{mask}_mask_{cls}_cls"] for r in rows])
             result["classification"][f"{mask}_mask_{cls}_classifier"] = cls_metrics.metrics_with_ci(labels, score)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cls_metrics.write_json(args.output, result)
+    atomic.write_json(args.output, result)
     for mask in ("plain", "tta"):
         seg = result["segmentation"][f"{mask}_mask"]
         print(f"{mask:>5} mask: Jaccard {seg['jaccard']:.3f}, thresholded {seg['threshold_jaccard']:.3f}, "

@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
 
-from melanoma_tf import tfrecords
+from melanoma_tf import atomic, tfrecords
 from melanoma_tf.data import images, isic
 
 SHARD_TARGET_BYTES = 100 * 2**20  # TF's performance guide: shards of 100 MB or more
@@ -44,12 +42,6 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 def _shard_count(paths: list[Path]) -> int:
     size = sum(p.stat().st_size for p in paths if p.exists())  # a broken link is reported later
     return max(1, math.ceil(size / SHARD_TARGET_BYTES))
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def build(data_dir: Path | str, output_dir: Path | str, *, test_fraction: float = 0.2,
@@ -93,56 +85,47 @@ def build(data_dir: Path | str, output_dir: Path | str, *, test_fraction: float 
         key = split_of[i] + ("" if it.mask_path is not None else "_nomask")
         shard_sets.setdefault(key, []).append(it.image_path)
 
-    tmp_dir = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    writers = {key: tfrecords.ShardedWriter(tmp_dir, key, _shard_count(paths))
-               for key, paths in shard_sets.items()}
     records: dict[str, dict] = {}
     conversions: list[isic.Problem] = []
     tasks = [(it, image_size_max) for it in items]
-    pool = _worker_context().Pool(num_workers) if num_workers > 1 else None
-    try:
-        results = pool.imap(images.load_item, tasks, chunksize=4) if pool else map(images.load_item, tasks)
-        for i, result in enumerate(tqdm(results, total=len(items), desc="encoding",
-                                         unit="img", disable=not progress)):
-            it = items[i]
-            if isinstance(result, isic.Problem):
-                if strict:
-                    raise images.BadInput(result.path, result.reason)
-                problems.append(result)
-                continue
-            conversions += [isic.Problem(str(it.image_path), n, it.image_id) for n in result.image.notes]
-            example = tfrecords.make_example(
-                image_id=it.image_id, source_id=i + 1, encoded=result.image.encoded,
-                image_format=result.image.format, height=result.image.height,
-                width=result.image.width, label=it.label, source=it.source, fold=int(fold[i]),
-                mask_png=result.mask_png, box=result.box, area=result.area)
-            has_mask = result.mask_png is not None
-            writers[split_of[i] + ("" if has_mask else "_nomask")].write(example.SerializeToString())
-            records[it.image_id] = {
-                "source_id": i + 1, "split": split_of[i], "fold": int(fold[i]), "label": it.label,
-                "has_mask": has_mask, "source": it.source, "lesion_id": it.lesion_id,
-                "height": result.image.height, "width": result.image.width}
-        shards = {key: [p.name for p in w.close()] for key, w in writers.items() if w.count}
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    finally:
-        if pool:
-            pool.terminate()
+    with atomic.atomic_path(output_dir) as tmp_dir:  # a killed build leaves no shards that look finished
+        tmp_dir.mkdir(parents=True)
+        writers = {key: tfrecords.ShardedWriter(tmp_dir, key, _shard_count(paths))
+                   for key, paths in shard_sets.items()}
+        pool = _worker_context().Pool(num_workers) if num_workers > 1 else None
+        try:
+            results = pool.imap(images.load_item, tasks, chunksize=4) if pool else map(images.load_item, tasks)
+            for i, result in enumerate(tqdm(results, total=len(items), desc="encoding",
+                                             unit="img", disable=not progress)):
+                it = items[i]
+                if isinstance(result, isic.Problem):
+                    if strict:
+                        raise images.BadInput(result.path, result.reason)
+                    problems.append(result)
+                    continue
+                conversions += [isic.Problem(str(it.image_path), n, it.image_id) for n in result.image.notes]
+                example = tfrecords.make_example(
+                    image_id=it.image_id, source_id=i + 1, encoded=result.image.encoded,
+                    image_format=result.image.format, height=result.image.height,
+                    width=result.image.width, label=it.label, source=it.source, fold=int(fold[i]),
+                    mask_png=result.mask_png, box=result.box, area=result.area)
+                has_mask = result.mask_png is not None
+                writers[split_of[i] + ("" if has_mask else "_nomask")].write(example.SerializeToString())
+                records[it.image_id] = {
+                    "source_id": i + 1, "split": split_of[i], "fold": int(fold[i]), "label": it.label,
+                    "has_mask": has_mask, "source": it.source, "lesion_id": it.lesion_id,
+                    "height": result.image.height, "width": result.image.width}
+            shards = {key: [p.name for p in w.close()] for key, w in writers.items() if w.count}
+        finally:
+            if pool:
+                pool.terminate()
 
-    manifest = _manifest(data_dir, records, shards, problems, conversions, dict(
-        split_rule=split, test_fraction=test_fraction if split == "stratified" else None,
-        test_data_dir=str(test_data_dir) if test_data_dir else None, folds=folds, seed=seed,
-        image_size_max=image_size_max, include_other=include_other))
-    _write_report(tmp_dir / "build_report.csv", problems, conversions)
-    _write_json(tmp_dir / "manifest.json", manifest)
-    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-    if output_dir.exists():
-        os.replace(output_dir, old)
-    os.replace(tmp_dir, output_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        manifest = _manifest(data_dir, records, shards, problems, conversions, dict(
+            split_rule=split, test_fraction=test_fraction if split == "stratified" else None,
+            test_data_dir=str(test_data_dir) if test_data_dir else None, folds=folds, seed=seed,
+            image_size_max=image_size_max, include_other=include_other))
+        _write_report(tmp_dir / "build_report.csv", problems, conversions)
+        atomic.write_json(tmp_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -174,13 +157,11 @@ def _manifest(data_dir, records, shards, problems, conversions, options) -> dict
 
 
 def _write_report(path: Path, problems: list[isic.Problem], conversions: list[isic.Problem]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic.atomic_file(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "path", "action", "reason"])
         w.writerows([p.image_id, p.path, "skipped", p.reason] for p in problems)
         w.writerows([p.image_id, p.path, "converted", p.reason] for p in conversions)
-    os.replace(tmp, path)
 
 
 def print_summary(manifest: dict, output_dir: Path) -> None:

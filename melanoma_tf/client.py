@@ -41,13 +41,21 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
+from melanoma_tf.contract import (
+    ARRAY_SIGNATURE,
+    BYTES_SIGNATURE,
+    CLASSIFIER,
+    MASKED_IMAGE,
+    SEGMENTER,
+    STATUS_BAD_IMAGE,
+    STATUS_NO_LESION,
+    STATUS_OK,
+)
+
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE = 0, 1, 2
-BYTES_SIGNATURE = "serving_default"
-ARRAY_SIGNATURE = "serving_image_tensor"
 
 
 class PredictionError(Exception):
@@ -125,8 +133,8 @@ def default_image_id(image: ImageInput) -> str | None:
 class MelanomaClient:
     """Chains lesion_segmenter -> melanoma_classifier over one gRPC channel."""
 
-    def __init__(self, target: str = "localhost:8500", segmenter: str = "lesion_segmenter",
-                 classifier: str = "melanoma_classifier", segmenter_version: int | None = None,
+    def __init__(self, target: str = "localhost:8500", segmenter: str = SEGMENTER,
+                 classifier: str = CLASSIFIER, segmenter_version: int | None = None,
                  segmenter_label: str | None = None, classifier_version: int | None = None,
                  classifier_label: str | None = None, threshold: float | None = None,
                  timeout: float = 30.0, retries: int = 3, *, retry_timeout: float | None = None,
@@ -176,7 +184,7 @@ class MelanomaClient:
             classify = predict_pb2.PredictRequest()
             name, version, version_label = self._classifier
             _model_spec(classify.model_spec, name, BYTES_SIGNATURE, version, version_label)
-            classify.inputs["masked_image"].CopyFrom(outputs["masked_image"])
+            classify.inputs[MASKED_IMAGE].CopyFrom(outputs["masked_image"])
             classify.output_filter.extend(["melanoma_probability", "threshold"])
             t2 = time.perf_counter()
             classified = self._call(classify, image_id)

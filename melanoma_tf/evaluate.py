@@ -33,8 +33,6 @@ import contextlib
 import csv
 import datetime
 import math
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,15 +41,14 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from melanoma_tf import report
+from melanoma_tf import atomic, contract, report
 from melanoma_tf.client import LesionPrediction, MelanomaClient
 from melanoma_tf.data import isic
-from melanoma_tf.data.images import BadInput, load_mask
+from melanoma_tf.data.images import BadInput, load_mask, write_mask
 from melanoma_tf.evaluation import baselines, classification, segmentation
 from melanoma_tf.evaluation.bootstrap import bootstrap_ci
-from melanoma_tf.score import write_mask
 
-SEGMENTER, CLASSIFIER = "lesion_segmenter", "melanoma_classifier"
+SEGMENTER, CLASSIFIER = contract.SEGMENTER, contract.CLASSIFIER
 SEGMENTATION_KEYS = segmentation.PIXEL_METRICS + ("detection_rate", "segmentation_precision")
 DEFAULT_THRESHOLD = 0.5
 PREDICTION_COLUMNS = ("image_id", "label", "status", "melanoma_probability", "score", "predicted",
@@ -141,6 +138,16 @@ def segmentation_with_ci(per_image: list[dict], prefix: str = "", n: int = 1000,
     return out
 
 
+def jaccard_minus_otsu(per_image: list[dict], n: int = 1000, seed: int = 0) -> dict:
+    """Mean Jaccard of the model minus Otsu's on the same images, with a paired bootstrap 95%
+    interval (both means on every resample): whether the model beats the classical baseline,
+    which two overlapping marginal intervals cannot say."""
+    model = np.array([r["jaccard"] for r in per_image], float)
+    otsu = np.array([r["otsu_jaccard"] for r in per_image], float)
+    low, high = bootstrap_ci(lambda a, b: a.mean() - b.mean(), model, otsu, n=n, seed=seed)
+    return {"value": float(model.mean() - otsu.mean()), "ci95": [float(low), float(high)], "num_images": len(model)}
+
+
 def classification_with_ci(rows: list[dict], threshold: float, n: int = 1000, seed: int = 0) -> dict:
     """The classification metrics with 95% CIs, Table II and counts; {"error": why} when the
     images hold one class only (ROC AUC, sensitivity or specificity would be undefined)."""
@@ -156,8 +163,7 @@ def classification_with_ci(rows: list[dict], threshold: float, n: int = 1000, se
 
 
 def _write_predictions(path: Path, rows: list[dict], threshold: float) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic.atomic_file(path, newline="") as f:
         writer = csv.DictWriter(f, PREDICTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in rows:
@@ -167,7 +173,6 @@ def _write_predictions(path: Path, rows: list[dict], threshold: float) -> None:
             # Full precision (repr): the file must give back exactly the scores the metrics used.
             writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else
                              repr(v) if isinstance(v, float) else v for k, v in out.items()})
-    os.replace(tmp, path)
 
 
 def _served_threshold(thresholds: set[float]) -> float:
@@ -210,22 +215,16 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
         raise ValueError(f"{data_dir}: no melanoma or nevus image to evaluate")
     by_id = {item.image_id: item for item in items}
     output_dir.mkdir(parents=True, exist_ok=True)
-    masks_dir = output_dir / "masks"
-    new_masks = Path(tempfile.mkdtemp(prefix=".masks.tmp-", dir=output_dir))
-    os.chmod(new_masks, 0o755)  # mkdtemp's 0700 would survive the rename
     problems = [{"image_id": p.image_id, "path": p.path, "reason": p.reason} for p in read_problems]
     rows, versions, served = [], {}, set()
-    try:
+    with atomic.atomic_path(output_dir / "masks") as new_masks:
+        new_masks.mkdir()
         results = predictor.predict_many([(i.image_id, i.image_path) for i in items], concurrency=concurrency)
         for result in tqdm(results, total=len(items), unit="img", desc="evaluating", disable=not progress):
             rows.append(_image_row(by_id[result.image_id], result, new_masks, problems))
             versions.update(result.model_versions)
             if math.isfinite(result.threshold):
                 served.add(result.threshold)
-        shutil.rmtree(masks_dir, ignore_errors=True)
-        os.replace(new_masks, masks_dir)
-    finally:
-        shutil.rmtree(new_masks, ignore_errors=True)
     rows.sort(key=lambda r: r["image_id"])
     segmented = [r for r in rows if "jaccard" in r]
     answered = [r for r in rows if "score" in r]
@@ -245,12 +244,13 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
                    "errors": sum(bool(r["error"]) for r in rows)},
         "segmentation": segmentation_with_ci(segmented, n=bootstrap, seed=seed) if segmented else None,
         "segmentation_otsu": segmentation_with_ci(segmented, "otsu_", bootstrap, seed) if segmented else None,
+        "jaccard_minus_otsu": jaccard_minus_otsu(segmented, bootstrap, seed) if segmented else None,
         "classification": classification_with_ci(answered, threshold, bootstrap, seed) if answered else None,
         "paper": report.PAPER,
         "problems": problems,
     }
     metrics = _finite(metrics)
-    classification.write_json(output_dir / "metrics.json", metrics)
+    atomic.write_json(output_dir / "metrics.json", metrics)
     _write_predictions(output_dir / "predictions.csv", rows, threshold)
     if write_html:
         report.write_report(output_dir)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(args.data_dir, client, args.output_dir, threshold=args.threshold,
                            concurrency=args.concurrency, limit=args.limit, bootstrap=args.bootstrap,
                            seed=args.seed, progress=not args.no_progress, source=source)
-    print(report.summary_line(metrics))
+    print("\n".join(report.headline(metrics)) or "nothing scored")
     print(f"report: {(args.output_dir / 'index.html').resolve()}")
     return 0
 

@@ -28,9 +28,9 @@ from typing import Callable
 
 import tensorflow as tf
 
-# Side of the masked lesion the segmenter hands the classifier: the served classifier's input,
-# whatever size the classifier computes at.
-CLASSIFIER_INPUT_SIZE = 227
+from melanoma_tf import contract
+
+CLASSIFIER_INPUT_SIZE = contract.CLASSIFIER_INPUT_SIZE
 
 VIEWS = ("lesion", "whole", "skin")
 

@@ -34,11 +34,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from melanoma_tf import atomic, contract
 from melanoma_tf.configs import EXPERIMENTS_DIR
 from melanoma_tf.configs import segmentation as seg_cfg
 
 SYNTHETIC_IMAGES = 240
-SEG_MODEL, CLS_MODEL = "lesion_segmenter", "melanoma_classifier"
+SEG_MODEL, CLS_MODEL = contract.SEGMENTER, contract.CLASSIFIER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +83,8 @@ class Steps:
         start = time.time()
         print(f"[{name}] running")
         result = fn()
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "config": config, "result": result,
-                                   "seconds": round(time.time() - start, 1)}, indent=1, default=str))
-        tmp.replace(marker)
+        atomic.write_json(marker, {"key": key, "config": config, "result": result,
+                                   "seconds": round(time.time() - start, 1)}, default=str)
         print(f"[{name}] done in {time.time() - start:.0f} s")
         return result
 
@@ -137,9 +136,9 @@ def run(data_dir: Path | None, work_dir: Path, profile: str = "quick", test_data
     steps.run("classification", {}, train_classifier)
 
     def export_both():
-        from melanoma_tf.serving import export_classifier, export_segmenter, model_registry
+        from melanoma_tf.serving import export_classifier, export_segmenter, versions
         # Versions are immutable: a retrained model becomes the next version, which the server serves.
-        paths = {name: Path(model_registry.next_version(str(exports / name))) for name in (SEG_MODEL, CLS_MODEL)}
+        paths = {name: Path(versions.next_version(str(exports / name))) for name in (SEG_MODEL, CLS_MODEL)}
         export_segmenter.export(seg_dir, paths[SEG_MODEL])
         export_classifier.export(cls_dir, paths[CLS_MODEL])
         return {name: str(path) for name, path in paths.items()}
@@ -170,16 +169,10 @@ def run(data_dir: Path | None, work_dir: Path, profile: str = "quick", test_data
 def summary(result: dict, report_dir: Path, exports: Path, exported: dict[str, str]) -> str:
     """The console lines a finished run ends with: headline figures with their 95% intervals,
     where the report and the models are, and how to serve them."""
-    from melanoma_tf.evaluation.classification import format_ci
+    from melanoma_tf import report
 
     lines = ["", "Test split, scored over gRPC by the served models:"]
-    if seg := result.get("segmentation"):
-        lines.append(f"  segmentation ({seg['num_images']} images): Jaccard {format_ci(seg['jaccard'])}, "
-                     f"thresholded Jaccard {format_ci(seg['threshold_jaccard'])}")
-    cls = result.get("classification") or {}
-    if "roc_auc" in cls:
-        lines.append(f"  classification ({cls['num_images']} images): ROC AUC {format_ci(cls['roc_auc'])}, "
-                     f"sensitivity {format_ci(cls['sensitivity'])}, specificity {format_ci(cls['specificity'])}")
+    lines += [f"  {line}" for line in report.headline(result)]
     lines += [f"  report: {report_dir / 'index.html'}", f"  models: {', '.join(exported.values())}",
               f"  serve:  python -m melanoma_tf.serve --model-config serving/models.config "
               f"--model-base-path-map /models={exports}   (models.config pins the versions it serves)"]

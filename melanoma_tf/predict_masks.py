@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import tensorflow as tf
 from tqdm import tqdm
 
-from melanoma_tf import tfrecords
+from melanoma_tf import atomic, tfrecords
 from melanoma_tf.data import images
 
 PREDICTED = "predicted"
@@ -62,10 +61,8 @@ def fill(data_dir: Path | str, seg_model: Path | str, output_dir: Path | str, ba
     manifest = json.loads(manifest_path.read_text())
     nomask = sorted(data_dir.glob("*_nomask-*.tfrecord"))
     total = sum(c["total"] - c["with_mask"] for c in manifest["counts"].values())
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.atomic_path(output_dir, replace=False) as tmp:
+        tmp.mkdir(parents=True)
         for path in data_dir.iterdir():
             if path.is_file() and path not in nomask and path.name != "manifest.json":
                 shutil.copy2(path, tmp / path.name)
@@ -79,11 +76,7 @@ def fill(data_dir: Path | str, seg_model: Path | str, output_dir: Path | str, ba
                     counts[split][key] += value
         manifest["predicted_masks"] = {"seg_model": str(Path(seg_model).resolve()), "counts": counts,
                                        "mask_source": PREDICTED, "from": str(data_dir.resolve())}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic.write_json(tmp / "manifest.json", manifest)
     return manifest["predicted_masks"]
 
 

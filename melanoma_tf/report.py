@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from melanoma_tf import masking
+from melanoma_tf import atomic, masking
 from melanoma_tf.data.images import BadInput, load_mask
 from melanoma_tf.evaluation import classification
 
@@ -348,24 +348,21 @@ def write_report(report_dir: str | Path) -> Path:
     report_dir = Path(report_dir)
     metrics = json.loads((report_dir / "metrics.json").read_text())
     rows = read_predictions(report_dir / "predictions.csv")
-    path = report_dir / "index.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(metrics, rows, report_dir), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic.write_text(report_dir / "index.html", render(metrics, rows, report_dir))
 
 
-def summary_line(metrics: Mapping) -> str:
-    """One console line with the headline numbers."""
-    parts = []
+def headline(metrics: Mapping) -> list[str]:
+    """The headline figures with their 95% intervals, a line per stage (none if nothing scored)."""
+    ci = classification.format_ci
+    lines = []
     if seg := metrics.get("segmentation"):
-        parts.append(f"segmentation ({seg['num_images']}): Jaccard {classification.format_ci(seg['jaccard'])}, "
-                     f"precision {_fmt('segmentation_precision', seg['segmentation_precision']['value'])}")
+        lines.append(f"segmentation ({seg['num_images']} images): Jaccard {ci(seg['jaccard'])}, "
+                     f"thresholded Jaccard {ci(seg['threshold_jaccard'])}")
     cls = metrics.get("classification") or {}
     if "roc_auc" in cls:
-        parts.append(f"classification ({cls['num_images']}): AUC {classification.format_ci(cls['roc_auc'])}, "
-                     f"accuracy {_fmt('accuracy', cls['accuracy']['value'])}")
-    return " | ".join(parts) or "nothing scored"
+        lines.append(f"classification ({cls['num_images']} images): ROC AUC {ci(cls['roc_auc'])}, "
+                     f"sensitivity {ci(cls['sensitivity'])}, specificity {ci(cls['specificity'])}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

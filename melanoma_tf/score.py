@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from melanoma_tf import atomic, contract
+from melanoma_tf.data import images
 
 COLUMNS = ["image_id", "path", "melanoma_probability", "is_melanoma", "lesion_score", "box",
            "status", "error", "latency_ms"]
@@ -98,26 +99,12 @@ def rewrite_without(output: Path, drop: set[str]) -> None:
     """Atomically rewrite `output` without the rows of `drop` (for --retry-failed)."""
     with output.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["image_id"] not in drop]
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    with temporary.open("w", newline="") as handle:
+    with atomic.atomic_file(output, newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, output)
-
-
-def write_mask(masks_dir: Path, image_id: str, mask: np.ndarray) -> Path:
-    """`<image_id>_segmentation.png` (0/255), written to a temp file then renamed."""
-    from PIL import Image
-
-    target = masks_dir / f"{image_id}_segmentation.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(temporary, format="PNG")
-    os.replace(temporary, target)
-    return target
 
 
 def _number(value: float) -> str:
@@ -152,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep retrying UNAVAILABLE/DEADLINE_EXCEEDED this long per image")
     parser.add_argument("--retry-failed", action="store_true",
                         help="drop rows with an error from the output and score them again")
-    parser.add_argument("--segmenter", default="lesion_segmenter")
-    parser.add_argument("--classifier", default="melanoma_classifier")
+    parser.add_argument("--segmenter", default=contract.SEGMENTER)
+    parser.add_argument("--classifier", default=contract.CLASSIFIER)
     parser.add_argument("--segmenter-version", type=int, default=None)
     parser.add_argument("--segmenter-label", default=None)
     parser.add_argument("--classifier-version", type=int, default=None)
@@ -210,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             path = paths[result.image_id]
             if result.error is None and args.masks_dir is not None and result.lesion_mask is not None:
                 try:
-                    write_mask(args.masks_dir, result.image_id, result.lesion_mask)
+                    images.write_mask(args.masks_dir, result.image_id, result.lesion_mask)
                 except OSError as exc:
                     result = _with_error(result, f"cannot write mask: {exc}")
             if result.error is not None:

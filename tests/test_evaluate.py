@@ -171,6 +171,19 @@ def test_classification_numbers_equal_the_isic_scorer(which, request, tmp_path, 
     assert sum(table["actual_melanoma"].values()) == sum(r["melanoma"] for r in rows)
 
 
+def test_model_minus_otsu_is_paired_on_the_same_images(fake_report):
+    metrics = json.loads((fake_report / "metrics.json").read_text())
+    scored = [r for r in _rows(fake_report) if r["jaccard"] is not None]
+    difference = metrics["jaccard_minus_otsu"]
+    assert difference["num_images"] == len(scored) == metrics["segmentation"]["num_images"]
+    assert difference["value"] == pytest.approx(np.mean([r["jaccard"] - r["otsu_jaccard"] for r in scored]))
+    low, high = difference["ci95"]
+    assert low < difference["value"] < high
+    # paired: narrower than the two marginal intervals' spread would suggest
+    model, otsu = metrics["segmentation"]["jaccard"]["ci95"], metrics["segmentation_otsu"]["jaccard"]["ci95"]
+    assert high - low < (model[1] - model[0]) + (otsu[1] - otsu[0])
+
+
 def test_decisions_default_to_the_served_threshold_which_must_be_one(synthetic_dir, tmp_path):
     labels = _labels(synthetic_dir)
     metrics = evaluate.evaluate(synthetic_dir, ServedThresholds(labels, [0.6]), tmp_path / "one", bootstrap=20,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from melanoma_tf.data import synthetic
+from melanoma_tf.experiments.segmentation_features import SegmentationFeatures
 from melanoma_tf.masking import mask_lesion
-from melanoma_tf.modeling.segmentation_features import SegmentationFeatures
 
 pytestmark = pytest.mark.slow
 

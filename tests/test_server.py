@@ -397,7 +397,7 @@ def test_version_policies() -> None:
     assert _aspired(model, {1, 2, 3}) == {1}
 
 def test_newest_and_next_version_count_only_saved_models(tmp_path: Path) -> None:
-    from melanoma_tf.serving.model_registry import newest_version, next_version
+    from melanoma_tf.serving.versions import newest_version, next_version
 
     base = tmp_path / "model"
     with pytest.raises(FileNotFoundError, match="no integer-named version folder"):

@@ -23,7 +23,7 @@ from official.core import exp_factory
 from official.modeling import optimization
 from official.vision.configs import backbones, maskrcnn
 
-from melanoma_tf import masking
+from melanoma_tf import contract
 
 PAPER_EXPERIMENT = "lesion_maskrcnn_r101_fpn"
 CPU_EXPERIMENT = "lesion_maskrcnn_cpu"
@@ -61,7 +61,7 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
     # ISIC 2018 scores a Jaccard below this as 0.
     jaccard_threshold: float = 0.65
     # Output size of the masked image the segmenter hands the classifier.
-    classifier_input_size: int = masking.CLASSIFIER_INPUT_SIZE
+    classifier_input_size: int = contract.CLASSIFIER_INPUT_SIZE
 
 
 def _optimizer(lr: float, steps: int, warmup_steps: int) -> optimization.OptimizationConfig:

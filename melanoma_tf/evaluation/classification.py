@@ -7,8 +7,6 @@ comes from scikit-learn; plots use matplotlib's object API (Agg canvas, no pyplo
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -168,15 +166,6 @@ def plot_reliability(y_true: np.ndarray, score: np.ndarray, path: str | Path, ti
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Writes atomically (temp file, then rename): a killed run never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def format_ci(entry: Mapping[str, float | list[float]]) -> str:

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from melanoma_tf import atomic
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 from melanoma_tf.tasks import melanoma_classification as task
@@ -73,7 +74,7 @@ def run(data_dir: str | Path, output_dir: str | Path, experiment: str | None = N
             f"No evidence of a skin bias: the skin alone gives AUC {skin}, whose 95% CI includes chance (0.5)."),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics.write_json(output_dir / "skin_bias.json", report)
+    atomic.write_json(output_dir / "skin_bias.json", report)
     metrics.plot_roc(curves, output_dir / "skin_bias.png", "Skin-bias study (out-of-fold, last epoch)")
     _write_markdown(output_dir / "skin_bias.md", report)
     print((output_dir / "skin_bias.md").read_text())
@@ -103,9 +104,7 @@ def _write_markdown(path: Path, report: dict) -> None:
     lines += ["", f"**{report['conclusion']}**", "",
               "View (c) blacks out the lesion's square (box + margin), so the lesion's position and size "
               "still show; lesion size is itself a melanoma cue. ROC curves: `skin_bias.png`.", ""]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    atomic.write_text(path, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

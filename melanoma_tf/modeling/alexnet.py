@@ -19,10 +19,11 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from melanoma_tf import contract
 from melanoma_tf.modeling import lesion_descriptors, pretrained
 
-CLASS_NAMES = ("nevus", "melanoma")
-INPUT_NAME = "masked_image"
+CLASS_NAMES = contract.CLASS_NAMES
+INPUT_NAME = contract.MASKED_IMAGE
 CONV_LAYERS = ((96, 11, 4), (256, 5, 1), (384, 3, 1), (384, 3, 1), (256, 3, 1))  # filters, kernel, stride
 POOL_AFTER = (0, 1, 4)
 POOLINGS = ("flatten", "average", "lesion_stats")

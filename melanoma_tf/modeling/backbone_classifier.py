@@ -22,8 +22,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from melanoma_tf import contract
 from melanoma_tf.modeling import efficientnet_lite, lesion_descriptors
-from melanoma_tf.modeling.alexnet import INPUT_NAME
 
 SELF_PREPROCESSING = ("EfficientNet", "ConvNeXt")  # Keras Applications that take [0, 255] pixels
 
@@ -63,7 +63,7 @@ def classifier(input_size: int = 227, backbone_name: str = "efficientnet_lite0",
 
     The softmax layer starts at zero (every image at p = 0.5), so the first steps do not push
     large gradients into the pretrained layers."""
-    inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name=INPUT_NAME)
+    inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name=contract.MASKED_IMAGE)
     x = layers.Rescaling(1.0, name="to_float")(inputs)
     if working_size and working_size != input_size:
         x = layers.Resizing(working_size, working_size, antialias=True, name="working_size")(x)

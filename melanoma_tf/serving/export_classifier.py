@@ -10,7 +10,7 @@ The serving contract (the gRPC client is built against exactly these names):
               threshold             float32 [None]             (the decision threshold class_id used)
 
 The input is the masked lesion as the segmenter's export produces it
-(`masking.CLASSIFIER_INPUT_SIZE`), whatever size the classifier trained at (`data.input_size`):
+(`contract.CLASSIFIER_INPUT_SIZE`), whatever size the classifier trained at (`data.input_size`):
 another size is resized in the graph, so any classifier export chains with any segmenter
 export. The threshold is the run's operating point (`operating_point.json`, chosen for a target
 sensitivity on out-of-fold predictions) when it has one, else `evaluation.threshold`; both
@@ -22,7 +22,6 @@ augmentation layers (identities at inference anyway).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -31,18 +30,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 from official.core import export_base
-from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from melanoma_tf import masking
+from melanoma_tf import contract
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
-from melanoma_tf.modeling import alexnet as alexnet_lib
 from melanoma_tf.modeling import factory
-from melanoma_tf.serving import model_registry
+from melanoma_tf.serving import versions, warmup
 
 SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
-INPUT_SIZE = masking.CLASSIFIER_INPUT_SIZE
+INPUT_SIZE = contract.CLASSIFIER_INPUT_SIZE
 
 
 def _inference_step(masked_image: tf.Tensor, model: keras.Model) -> tf.Tensor:
@@ -62,18 +58,18 @@ class ClassifierModule(export_base.ExportModule):
 
     def serve(self, masked_image: tf.Tensor) -> Mapping[str, tf.Tensor]:
         # A loaded signature checks the dtype but not the shape; say which input is wrong.
-        masked_image = tf.ensure_shape(masked_image, [None, INPUT_SIZE, INPUT_SIZE, 3], name=alexnet_lib.INPUT_NAME)
+        masked_image = tf.ensure_shape(masked_image, [None, INPUT_SIZE, INPUT_SIZE, 3], name=contract.MASKED_IMAGE)
         if self.model_size != INPUT_SIZE:  # as masking would have made it at the training size
             masked_image = tf.cast(tf.round(tf.image.resize(masked_image, [self.model_size] * 2, antialias=True)),
                                    tf.uint8)
         probabilities = tf.cast(self.inference_step(masked_image), tf.float32)
-        melanoma = probabilities[:, alexnet_lib.CLASS_NAMES.index("melanoma")]
+        melanoma = probabilities[:, contract.CLASS_NAMES.index("melanoma")]
         return {"melanoma_probability": melanoma, "probabilities": probabilities,
                 "class_id": tf.cast(melanoma >= self.threshold, tf.int32),
                 "threshold": tf.fill(tf.shape(melanoma), tf.constant(self.threshold, tf.float32))}
 
     def get_inference_signatures(self, function_keys: Mapping[str, str]) -> dict:
-        spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8, name=alexnet_lib.INPUT_NAME)
+        spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8, name=contract.MASKED_IMAGE)
         serve = tf.function(self.serve, input_signature=[spec])
         return {key: serve.get_concrete_function() for key in function_keys.values()}
 
@@ -106,28 +102,22 @@ def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
     return params, factory.inference_model(trained, params)
 
 
-def warmup_requests(model_name: str, input_size: int, batch: int = 2) -> list[prediction_log_pb2.PredictionLog]:
-    """TF Serving warm-up: one Predict request with a small batch (black and mid-grey images)."""
-    images = np.stack([np.full((input_size, input_size, 3), v, np.uint8) for v in np.linspace(0, 128, batch)])
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model_name
-    request.model_spec.signature_name = SIGNATURE
-    request.inputs[alexnet_lib.INPUT_NAME].CopyFrom(tf.make_tensor_proto(images))
-    return [prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))]
+def warmup_images(batch: int = 2) -> np.ndarray:
+    """TF Serving warm-up input: a small batch of black to mid-grey masked images."""
+    return np.stack([np.full((INPUT_SIZE, INPUT_SIZE, 3), v, np.uint8) for v in np.linspace(0, 128, batch)])
 
 
 def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Writes the SavedModel (+ warm-up requests and the run's params.yaml in assets.extra) into a
     temporary sibling folder and renames it to export_dir, so TF Serving never sees half a version."""
     export_dir = Path(export_dir)
-    with model_registry.writing_version(export_dir) as tmp:
+    with versions.writing_version(export_dir) as tmp:
         params, model = load_trained(model_dir, checkpoint)
         module = ClassifierModule(params, model, decision_threshold(model_dir, params))
         export_base.export(module, [SIGNATURE], str(tmp), timestamped=False)
         (tmp / "assets.extra").mkdir(exist_ok=True)
-        with tf.io.TFRecordWriter(str(tmp / WARMUP_FILE)) as writer:
-            for log in warmup_requests(export_dir.parent.name or "melanoma_classifier", INPUT_SIZE):
-                writer.write(log.SerializeToString())
+        warmup.write_warmup_requests(tmp, export_dir.parent.name or contract.CLASSIFIER,
+                                     {contract.MASKED_IMAGE: warmup_images()}, SIGNATURE)
         for name in ("params.yaml", metrics.OPERATING_POINT_FILE):
             if (Path(model_dir) / name).is_file():
                 shutil.copy(Path(model_dir) / name, tmp / "assets.extra" / name)

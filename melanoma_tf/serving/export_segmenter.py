@@ -28,12 +28,11 @@ from official.modeling import hyperparams
 from official.vision.ops import spatial_transform_ops
 from official.vision.serving import detection
 
-from melanoma_tf import masking
+from melanoma_tf import contract, masking
 from melanoma_tf.configs import segmentation as seg_cfg  # noqa: F401  (registers configs)
-from melanoma_tf.serving import model_registry, warmup
+from melanoma_tf.serving import versions, warmup
 
-MODEL_NAME = "lesion_segmenter"
-STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE = 0, 1, 2
+MODEL_NAME = contract.SEGMENTER
 MASK_THRESHOLD = 0.5
 
 
@@ -81,7 +80,7 @@ class LesionSegmenterModule(detection.DetectionModule):
             mask = tf.cast((pasted > MASK_THRESHOLD) & inside & found, tf.uint8)
             masked = masking.mask_lesion(image[:size[0], :size[1]], mask[:size[0], :size[1]],
                                          self._classifier_size)
-            status = tf.where(tf.reduce_any(mask > 0), STATUS_OK, STATUS_NO_LESION)
+            status = tf.where(tf.reduce_any(mask > 0), contract.STATUS_OK, contract.STATUS_NO_LESION)
             score = tf.where(found, scores[best], 0.0)
             return mask, box, score, masked, status
 
@@ -108,7 +107,7 @@ class LesionSegmenterModule(detection.DetectionModule):
         result = {key: tf.scatter_nd(where, value, tf.concat([[n], tf.shape(value)[1:]], 0))
                   for key, value in out.items()}
         failed = tf.scatter_nd(where, tf.ones([k], tf.int32), [n]) == 0
-        result["status"] = tf.where(failed, STATUS_BAD_IMAGE, result["status"])
+        result["status"] = tf.where(failed, contract.STATUS_BAD_IMAGE, result["status"])
         return result
 
     @tf.function
@@ -144,7 +143,7 @@ class LesionSegmenterModule(detection.DetectionModule):
         return {name: fns[key].get_concrete_function(specs[key]) for key, name in function_keys.items()}
 
 
-SIGNATURES = {"image_bytes": "serving_default", "image_tensor": "serving_image_tensor"}
+SIGNATURES = {"image_bytes": contract.BYTES_SIGNATURE, "image_tensor": contract.ARRAY_SIGNATURE}
 
 
 def _warmup_image(size: int = 128) -> bytes:
@@ -158,7 +157,7 @@ def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None
     """Writes a SavedModel of the checkpoint (default: latest in model_dir) to `export_dir`
     (a numeric version folder), atomically, with TF Serving warm-up requests."""
     model_dir, export_dir = Path(model_dir), Path(export_dir)
-    with model_registry.writing_version(export_dir) as tmp:
+    with versions.writing_version(export_dir) as tmp:
         params = read_params(model_dir)
         checkpoint = checkpoint or tf.train.latest_checkpoint(str(model_dir))
         if checkpoint is None:

@@ -13,10 +13,8 @@ allows a label that is new or unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from melanoma_tf.serving import versions
 from melanoma_tf.serving.batching import SharedBatchScheduler
 from melanoma_tf.serving.config import PathMap, map_base_path
 from melanoma_tf.serving.errors import (
@@ -63,56 +62,6 @@ class _Model:
 
     def available(self) -> list[int]:
         return sorted(v for v, entry in self.versions.items() if entry.state == State.AVAILABLE)
-
-
-def versions_on_disk(base_path: str) -> dict[int, str]:
-    """Integer-named sub-folders that already contain a SavedModel."""
-    found: dict[int, str] = {}
-    try:
-        entries = list(os.scandir(base_path))
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.name.isdigit() or not entry.is_dir():
-            continue
-        path = entry.path
-        if os.path.exists(os.path.join(path, "saved_model.pb")) or os.path.exists(
-                os.path.join(path, "saved_model.pbtxt")):
-            found[int(entry.name)] = path
-    return found
-
-
-def newest_version(base_path: str) -> str:
-    """The highest version folder on disk: the one served under the default `latest` policy."""
-    versions = versions_on_disk(base_path)
-    if not versions:
-        raise FileNotFoundError(f"{base_path}: no integer-named version folder holding a SavedModel")
-    return versions[max(versions)]
-
-
-def next_version(base_path: str) -> str:
-    """Where a new export goes: versions are immutable, so one above every version folder,
-    including any left without a SavedModel (a failed copy) that an export would collide with."""
-    names = os.listdir(base_path) if os.path.isdir(base_path) else []
-    return os.path.join(base_path, str(max((int(n) for n in names if n.isdigit()), default=0) + 1))
-
-
-@contextlib.contextmanager
-def writing_version(export_dir: Path | str):
-    """Yields a temporary sibling folder to write a new version into and renames it to
-    `export_dir` when the block succeeds, so a server never sees half a version; refuses a
-    version that exists (versions are immutable) before any work is done."""
-    export_dir = Path(export_dir)
-    if export_dir.exists():
-        raise FileExistsError(f"{export_dir} exists: TF Serving versions are immutable, export a new version")
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        yield tmp
-        os.replace(tmp, export_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fingerprint(path: str) -> tuple:
@@ -356,7 +305,7 @@ class ModelRegistry:
             self._sync(model)
 
     def _sync(self, model: _Model) -> None:
-        on_disk = versions_on_disk(model.base_path)
+        on_disk = versions.versions_on_disk(model.base_path)
         aspired = _aspired(model.config, set(on_disk))
         for version in sorted(aspired, reverse=True):
             entry = model.versions.get(version)

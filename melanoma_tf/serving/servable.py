@@ -19,13 +19,14 @@ from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+from melanoma_tf.serving import warmup
 from melanoma_tf.serving.batching import BatchQueue, SharedBatchScheduler
 from melanoma_tf.serving.errors import failed_precondition, invalid_argument
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+WARMUP_FILE = str(warmup.WARMUP_FILE)
 MAX_WARMUP_RECORDS = 1000
 
 

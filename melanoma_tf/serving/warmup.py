@@ -13,7 +13,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+from melanoma_tf import contract
+
+WARMUP_FILE = Path(contract.WARMUP_FILE)
 
 
 def write_warmup_requests(export_dir: Path | str, model_name: str, inputs: dict[str, np.ndarray],

@@ -24,7 +24,7 @@ from official.modeling import hyperparams, performance
 from official.vision.dataloaders import input_reader, input_reader_factory, tf_example_decoder
 from official.vision.tasks import maskrcnn
 
-from melanoma_tf import tfrecords
+from melanoma_tf import atomic, tfrecords
 from melanoma_tf.configs import segmentation as seg_cfg
 from melanoma_tf.dataloaders import maskrcnn_input
 from melanoma_tf.evaluation import segmentation as seg_metrics
@@ -96,14 +96,8 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
         if self._logging_dir:  # the latest evaluation, for people and scripts to read
             scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
             scalars["step"] = int(tf.convert_to_tensor(global_step)) if global_step is not None else -1
-            _write_json(Path(self._logging_dir) / EVAL_METRICS_FILE, scalars)
+            atomic.write_json(Path(self._logging_dir) / EVAL_METRICS_FILE, scalars, sort_keys=True)
         return logs
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    tmp.replace(path)
 
 
 def _local_numpy(value: Any) -> np.ndarray:

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from melanoma_tf import masking, tfrecords
+from melanoma_tf import atomic, masking, tfrecords
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.evaluation import tta as tta_lib
@@ -216,7 +216,7 @@ def _timed(path: Path):
     finally:
         totals["wall_seconds"] += time.perf_counter() - wall
         totals["cpu_seconds"] += time.process_time() - cpu
-        metrics.write_json(path, totals)
+        atomic.write_json(path, totals)
 
 
 def fit(train: LesionSet, val: LesionSet | None, params: configs.ClassificationExperiment,
@@ -308,7 +308,7 @@ def cross_validate(data: LesionSet, params: configs.ClassificationExperiment, mo
         model.load_weights(str(run_dir / "best.weights.h5"))
         best = predict(model, held.images, params.evaluation.tta)
         result = _fold_result(k, train, held, best, last, best_epoch, params.evaluation.threshold)
-        metrics.write_json(done, result)
+        atomic.write_json(done, result)
         results.append(result)
         auc = result["metrics"]["roc_auc"] if result["metrics"] else float("nan")
         print(f"fold {k + 1}/{num_folds}: AUC {auc:.3f}, best epoch {best_epoch}")
@@ -341,7 +341,7 @@ def operating_point(cv: dict, params: configs.ClassificationExperiment, model_di
     point = {"threshold": threshold, "target_sensitivity": target,
              "chosen_on": f"out-of-fold predictions (last epoch) of {len(labels)} training images",
              "sensitivity": chosen["sensitivity"], "specificity": chosen["specificity"]}
-    metrics.write_json(model_dir / metrics.OPERATING_POINT_FILE, point)
+    atomic.write_json(model_dir / metrics.OPERATING_POINT_FILE, point)
     print(f"operating point: threshold {threshold:.4f} gives sensitivity {point['sensitivity']:.3f}, "
           f"specificity {point['specificity']:.3f} out of fold")
     return point
@@ -369,7 +369,7 @@ def summarize_cv(cv: dict, params: configs.ClassificationExperiment, model_dir: 
         "mean_sd_last_epoch": metrics.summarize_folds(per_fold_last) if per_fold_last else None,
         "pooled_last_epoch": _evaluate(labels, last, params),
     }
-    metrics.write_json(model_dir / "cv_metrics.json", summary)
+    atomic.write_json(model_dir / "cv_metrics.json", summary)
     metrics.plot_roc({"out-of-fold": (labels, score)}, model_dir / "roc_cv.png", title or "Cross-validation ROC")
     metrics.plot_confusion(labels, score, model_dir / "confusion_cv.png", params.evaluation.threshold,
                            title or "Cross-validation (pooled)")
@@ -377,8 +377,7 @@ def summarize_cv(cv: dict, params: configs.ClassificationExperiment, model_dir: 
 
 
 def _write_predictions(path: Path, rows: list[dict], threshold: float) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic.atomic_file(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "split", "fold", "label", "melanoma_probability", "predicted",
                          "melanoma_probability_last_epoch"])
@@ -386,7 +385,6 @@ def _write_predictions(path: Path, rows: list[dict], threshold: float) -> None:
             last = r.get("melanoma_probability_last_epoch")
             writer.writerow([r["image_id"], r["split"], r["fold"], r["label"], f"{r['melanoma_probability']:.6f}",
                              int(r["melanoma_probability"] >= threshold), "" if last is None else f"{last:.6f}"])
-    tmp.replace(path)
 
 
 def prepare_model_dir(params: configs.ClassificationExperiment, model_dir: Path) -> None:
@@ -398,9 +396,8 @@ def prepare_model_dir(params: configs.ClassificationExperiment, model_dir: Path)
             raise ValueError(f"{model_dir} holds a run with other params ({saved}); "
                              "use another --model-dir or delete it")
         return
-    tmp = model_dir / "params.yaml.tmp"
-    configs.save_config(params, tmp)
-    tmp.replace(saved)
+    with atomic.atomic_path(saved) as tmp:
+        configs.save_config(params, tmp)
 
 
 def resolve_params(experiment: str | None = None, config_files: Sequence[str] = (), params_override: str | dict = "",
@@ -461,9 +458,8 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
             epochs_final = t.final_epochs or (int(math.ceil(np.median(best_epochs))) if stopped_early else t.epochs)
             print(f"final model: {len(data)} training images, {epochs_final} epochs")
             model, _ = fit(data, None, params, model_dir / "final", epochs_final, callbacks)
-            tmp = model_dir / "final_model.tmp.keras"
-            model.save(tmp)
-            tmp.replace(final_path)
+            with atomic.atomic_path(final_path) as tmp:
+                model.save(tmp)
         try:
             test = read_lesions(data_dir, "test", params.data)
         except (FileNotFoundError, ValueError) as e:
@@ -472,7 +468,7 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
             score = predict(model, test.images, params.evaluation.tta)
             out["test"] = _evaluate(test.labels, score, params, threshold)
             out["test"]["calibration"] = metrics.calibration(test.labels, score)
-            metrics.write_json(model_dir / "test_metrics.json", out["test"])
+            atomic.write_json(model_dir / "test_metrics.json", out["test"])
             metrics.plot_roc({"test": (test.labels, score)}, model_dir / "roc_test.png", "Test split ROC")
             metrics.plot_confusion(test.labels, score, model_dir / "confusion_test.png", threshold, "Test split")
             metrics.plot_reliability(test.labels, score, model_dir / "reliability_test.png", "Test split calibration")

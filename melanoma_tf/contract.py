@@ -1,0 +1,23 @@
+"""The wire contract between the exported models and their clients: model names, signatures,
+tensor keys, status codes. TF Serving and the embedded server serve exactly this; the client
+and the exporters import it from here. No TensorFlow import, so a client can read it cheaply.
+
+    lesion_segmenter     serving_default       image_bytes [N] string  -> lesion_mask, lesion_box,
+                         serving_image_tensor  images [1, H, W, 3] uint8   lesion_score, masked_image,
+                                                                           image_size, status
+    melanoma_classifier  serving_default       masked_image [N, 227, 227, 3] uint8
+                                               -> melanoma_probability, probabilities, class_id, threshold
+"""
+
+SEGMENTER, CLASSIFIER = "lesion_segmenter", "melanoma_classifier"
+BYTES_SIGNATURE, ARRAY_SIGNATURE = "serving_default", "serving_image_tensor"
+CLASSIFIER_SIGNATURE = "serving_default"
+MASKED_IMAGE = "masked_image"
+CLASS_NAMES = ("nevus", "melanoma")  # the classifier's `probabilities` columns
+# Side of the masked lesion the segmenter hands the classifier: the served classifier's input,
+# whatever size the classifier computes at.
+CLASSIFIER_INPUT_SIZE = 227
+# Segmenter `status`: a lesion was found; none was (not classified); the image did not decode.
+STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE = 0, 1, 2
+# TF Serving replays these Predict requests when it loads a version (--enable_model_warmup).
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
