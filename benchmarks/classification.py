@@ -31,6 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from melanoma_tf import atomic, build_tfrecords
+from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.experiments import segmentation_features
 from melanoma_tf.modeling import lesion_descriptors
@@ -80,14 +81,14 @@ SEGMENTATION_HEAD = ("StandardScaler + LogisticRegressionCV(balanced, C in 1e-5.
                      "AUC), lesion-averaged C3-C5 features of the frozen segmentation ResNet")
 
 
-def logistic_cv(features: np.ndarray, data: task.LesionSet, num_folds: int,
+def logistic_cv(features: np.ndarray, data: inputs.LesionSet, num_folds: int,
                 select_c: bool = False) -> tuple[np.ndarray, list[dict]]:
     """Out-of-fold melanoma probabilities of a standardised, class-balanced logistic regression
     on per-image features, and its per-fold metrics. select_c picks the regularisation by an
     inner cross-validation on each fold's training images (thousands of features)."""
     score, per_fold = np.zeros(len(data)), []
     for k in range(num_folds):
-        train_idx, held_idx = task.fold_indices(data.folds, k, num_folds)
+        train_idx, held_idx = inputs.fold_indices(data.folds, k, num_folds)
         regression = (LogisticRegressionCV(Cs=np.logspace(-5, -1, 9), scoring="roc_auc", class_weight="balanced",
                                            max_iter=5000) if select_c else
                       LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000))
@@ -110,7 +111,7 @@ def out_of_fold(model_dir: Path) -> dict[str, float]:
                 for r in csv.DictReader(f) if r["split"] == "train"}
 
 
-def compare_with_baseline(variants: dict, data: task.LesionSet, base_score: np.ndarray, n_boot: int,
+def compare_with_baseline(variants: dict, data: inputs.LesionSet, base_score: np.ndarray, n_boot: int,
                           seed: int) -> dict[str, np.ndarray]:
     """Adds each variant's paired AUC difference to the regression (`metrics.auc_difference`),
     for the variants whose out-of-fold predictions on exactly these images are on disk; returns
@@ -150,7 +151,7 @@ def melanoma_vs_rest(model_dir: Path, params, data_dir: Path, records_all: Path,
     sample's (from both splits) is an unseen negative for the final model."""
     if not (records_all / "manifest.json").exists():
         build_tfrecords.build(data_dir, records_all, folds=5, seed=0, include_other=True)
-    others = [task.read_lesions(records_all, split, params.data, classes=(2,)) for split in ("train", "test")]
+    others = [inputs.read_lesions(records_all, split, params.data, classes=(2,)) for split in ("train", "test")]
     model = keras.models.load_model(model_dir / "final_model.keras", compile=False)
     other_score = np.concatenate([task.predict(model, o.images, params.evaluation.tta) for o in others])
     with (model_dir / "predictions.csv").open() as f:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.variant or args.experiment
     override = ",".join(s for s in (args.params_override, "training.final_model=false" if args.no_final else "") if s)
     params = task.resolve_params(args.experiment, args.config_file, override, None, args.epochs)
-    data = task.read_lesions(args.records, "train", params.data)
+    data = inputs.read_lesions(args.records, "train", params.data)
     folds, seed, n_boot = params.training.folds, params.training.seed, params.evaluation.bootstrap_samples
 
     dataset = {"data_dir": os.path.relpath(args.data_dir, ROOT), "records": os.path.relpath(args.records, ROOT),
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               n_boot, seed)
         if list(params.data.mask_sources) != ["ground_truth"]:
             # Also scored on the ground-truth-masked images alone: comparable with the other runs.
-            truth = set(task.read_lesions(args.records, "train", params.data.replace(
+            truth = set(inputs.read_lesions(args.records, "train", params.data.replace(
                 mask_sources=["ground_truth"], include_unmasked=False)).image_ids)
             keep = np.array([i in truth for i in data.image_ids])
             extra["pooled_last_epoch_ground_truth_masks"] = {

@@ -19,22 +19,31 @@ Decisions:
 * Segmenter status 2 (undecodable/empty image): `predict` raises `ImageDecodeError`;
   `predict_many` yields a result with status "error" and the message in `error`
   instead of stopping the stream.  So does any other per-image failure.
-* Only UNAVAILABLE and DEADLINE_EXCEEDED are retried (Predict is idempotent), with
-  exponential backoff and jitter; `retries` bounds the attempts, or `retry_timeout`
-  keeps retrying for that many seconds (e.g. while a server restarts).
+* Servers: one address, a DNS name that resolves to several (a Kubernetes headless
+  Service), or a list of addresses; requests spread over them with gRPC's `round_robin`
+  load balancing (`channel_target`).
+* Retries are gRPC's own retry policy (`service_config`): UNAVAILABLE is retried with
+  exponential backoff and jitter, on the next replica (Predict is idempotent), up to
+  `retries` more attempts (gRPC allows 4).  `timeout` is the deadline of a call with its
+  retries.  With `server_wait`, a call finding no ready server waits up to that many
+  seconds for one (gRPC `wait_for_ready`), e.g. while a server restarts.
+* `connect_timeout`: the constructor checks that the servers answer; none answering is a
+  `ConnectionError` naming the addresses, some not answering a logged warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import os
-import random
+import socket
 import threading
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 import grpc
 import numpy as np
@@ -55,7 +64,10 @@ from melanoma_tf.contract import (
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MAX_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts here
+
+log = logging.getLogger("melanoma_tf.client")
 
 
 class PredictionError(Exception):
@@ -130,30 +142,101 @@ def default_image_id(image: ImageInput) -> str | None:
     return None
 
 
-class MelanomaClient:
-    """Chains lesion_segmenter -> melanoma_classifier over one gRPC channel."""
+def server_addresses(servers: str | Sequence[str]) -> list[str]:
+    """The addresses in `servers`: one string (comma-separated allowed) or a sequence."""
+    items = [servers] if isinstance(servers, str) else list(servers)
+    addresses = [a.strip() for item in items for a in str(item).split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("no server address given")
+    return addresses
 
-    def __init__(self, target: str = "localhost:8500", segmenter: str = SEGMENTER,
+
+def channel_target(servers: str | Sequence[str]) -> str:
+    """The gRPC target for `servers`.
+
+    One address (host:port, or a gRPC URI such as dns:///serving.ns.svc:8500) goes to gRPC's
+    resolver as it is, so a name with several addresses gives one subchannel each. Several
+    addresses become gRPC's static `ipv4:` (else `ipv6:`) address list, host names resolved here.
+    """
+    addresses = server_addresses(servers)
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = []
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"server address {address!r}: expected host:port")
+        hosts.append((address, host.strip("[]"), int(port)))
+    for family, scheme, form in ((socket.AF_INET, "ipv4", "{}:{}"), (socket.AF_INET6, "ipv6", "[{}]:{}")):
+        try:
+            resolved = [form.format(info[4][0], port) for address, host, port in hosts
+                        for info in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)]
+        except socket.gaierror:
+            continue
+        return f"{scheme}:" + ",".join(dict.fromkeys(resolved))
+    raise ValueError(f"servers {addresses}: cannot resolve them all to IPv4, nor all to IPv6 addresses")
+
+
+def service_config(retries: int, backoff: float, max_backoff: float) -> str:
+    """gRPC service config: round_robin over the servers; Predict retried on UNAVAILABLE."""
+    method: dict[str, Any] = {"name": [{"service": PREDICTION_SERVICE}]}
+    if retries > 0:
+        method["retryPolicy"] = {
+            "maxAttempts": min(retries + 1, MAX_ATTEMPTS), "initialBackoff": f"{backoff:g}s",
+            "maxBackoff": f"{max_backoff:g}s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"]}
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
+
+
+def check_servers(servers: str | Sequence[str], timeout: float) -> None:
+    """Raises ConnectionError naming the addresses when none of `servers` answers within
+    `timeout` seconds; logs the ones that do not answer when others do."""
+    addresses = server_addresses(servers)
+    channels = {address: grpc.insecure_channel(address) for address in addresses}
+    try:
+        ready = {address: grpc.channel_ready_future(channel) for address, channel in channels.items()}
+        deadline = time.monotonic() + timeout
+        dead = []
+        for address, future in ready.items():
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except grpc.FutureTimeoutError:
+                dead.append(address)
+    finally:
+        for channel in channels.values():
+            channel.close()
+    if len(dead) == len(addresses):
+        raise ConnectionError(f"no gRPC server answered at {', '.join(dead)} within {timeout:g} s")
+    if dead:
+        log.warning("no gRPC server answered at %s within %g s; using the others", ", ".join(dead), timeout)
+
+
+class MelanomaClient:
+    """Chains lesion_segmenter -> melanoma_classifier over one gRPC channel to one or more
+    servers (see the module docstring for targets, retries and waiting)."""
+
+    def __init__(self, target: str | Sequence[str] = "localhost:8500", segmenter: str = SEGMENTER,
                  classifier: str = CLASSIFIER, segmenter_version: int | None = None,
                  segmenter_label: str | None = None, classifier_version: int | None = None,
                  classifier_label: str | None = None, threshold: float | None = None,
-                 timeout: float = 30.0, retries: int = 3, *, retry_timeout: float | None = None,
-                 backoff: float = 0.1, max_backoff: float = 2.0,
+                 timeout: float = 30.0, retries: int = 3, *, server_wait: float | None = None,
+                 backoff: float = 0.1, max_backoff: float = 2.0, connect_timeout: float | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.target = target
+        self.target = channel_target(target)
         self.threshold = threshold
         self.timeout = timeout
-        self.retries = retries
-        self.retry_timeout = retry_timeout
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.server_wait = server_wait
         self._segmenter = (segmenter, segmenter_version, segmenter_label)
         self._classifier = (classifier, classifier_version, classifier_label)
         for name, version, label in (self._segmenter, self._classifier):
             _model_spec(model_pb2.ModelSpec(), name, BYTES_SIGNATURE, version, label)
-        self._channel = grpc.insecure_channel(target, options=[
+        if connect_timeout is not None:
+            check_servers(target, connect_timeout)
+        self._channel = grpc.insecure_channel(self.target, options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(retries, backoff, max_backoff)),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
@@ -277,20 +360,9 @@ class MelanomaClient:
 
     def _call(self, request: predict_pb2.PredictRequest, image_id: str | None
               ) -> predict_pb2.PredictResponse:
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                return self._stub.Predict(request, timeout=self.timeout)
-            except grpc.RpcError as exc:
-                attempt += 1
-                code = exc.code()
-                out_of_time = (self.retry_timeout is not None
-                               and time.monotonic() - started >= self.retry_timeout)
-                out_of_tries = self.retry_timeout is None and attempt > self.retries
-                if code not in RETRYABLE or out_of_time or out_of_tries or self._closed.is_set():
-                    raise PredictionError(
-                        f"{request.model_spec.name}: {code.name}: {exc.details()}", image_id,
-                        code) from exc
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-                time.sleep(delay * random.uniform(0.5, 1.0))
+        try:
+            return self._stub.Predict(request, timeout=self.timeout + (self.server_wait or 0.0),
+                                      wait_for_ready=self.server_wait is not None)
+        except grpc.RpcError as exc:
+            raise PredictionError(f"{request.model_spec.name}: {exc.code().name}: {exc.details()}", image_id,
+                                  exc.code()) from exc

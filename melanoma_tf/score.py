@@ -5,11 +5,15 @@ a killed run loses at most the line being written.  On restart the output is rea
 back, a partial last line (no trailing newline) is cut off, and every image id
 already present is skipped, so nothing is scored twice.  Masks (`--masks-dir`) are
 written to a temporary file and renamed before their row is written, so a row never
-points at a half-written mask.  While the server is down or restarting, UNAVAILABLE
-is retried with backoff for `--server-wait` seconds before an image is recorded as
-failed.  Images that fail (unreadable, undecodable, rejected) are written with their
-error and the run goes on; `--retry-failed` drops those rows and scores them again.
-Exit status: 0 when every input image has a result without error, 1 otherwise,
+points at a half-written mask.  `--server` takes one address, a DNS name with several
+addresses (a Kubernetes headless Service) or a comma-separated list; requests are spread
+over the replicas (gRPC round_robin) and a request that a dying replica drops is retried
+on another.  While no server is ready (down or restarting), a request waits up to
+`--server-wait` seconds before its image is recorded as failed; at the start, no server
+answering within `--connect-timeout` seconds stops the run.  Images that fail
+(unreadable, undecodable, rejected) are written with their error and the run goes on;
+`--retry-failed` drops those rows and scores them again.  Exit status: 0 when every
+input image has a result without error, 1 otherwise (also when no server answers),
 2 for usage errors.
 """
 
@@ -124,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m melanoma_tf.score",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", default="localhost:8500", help="gRPC target host:port")
+    parser.add_argument("--server", action="append", default=None,
+                        help="gRPC server host:port, a DNS name of several, or a comma-separated list; "
+                             "repeatable (default localhost:8500)")
     parser.add_argument("--input", required=True, type=Path, help="image folder or CSV")
     parser.add_argument("--output", required=True, type=Path, help="scores CSV (appended/resumed)")
     parser.add_argument("--concurrency", type=int, default=16,
@@ -134,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None,
                         help="melanoma decision threshold (default: the classifier's served operating point)")
     parser.add_argument("--recursive", action="store_true", help="search the folder recursively")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per RPC, seconds")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of one call with its retries, seconds")
+    parser.add_argument("--connect-timeout", type=float, default=10.0,
+                        help="seconds for the servers to answer at the start")
     parser.add_argument("--server-wait", type=float, default=120.0,
-                        help="keep retrying UNAVAILABLE/DEADLINE_EXCEEDED this long per image")
+                        help="seconds a call waits for a ready server while none is up (restarts)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="drop rows with an error from the output and score them again")
     parser.add_argument("--segmenter", default=contract.SEGMENTER)
@@ -153,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     """Score every input image once; see the module docstring for the guarantees."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from melanoma_tf import client as client_lib  # TensorFlow: imported once the arguments parse
+
     try:
+        servers = client_lib.server_addresses(args.server or ["localhost:8500"])
         items = discover_images(args.input, args.recursive)
         existing = load_existing(args.output)
-    except UsageError as exc:
+    except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.retry_failed:
@@ -176,16 +187,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from melanoma_tf.client import MelanomaClient
-
-    new_failed = 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("a", newline="") as handle, MelanomaClient(
-            args.server, segmenter=args.segmenter, classifier=args.classifier,
+    try:
+        client = client_lib.MelanomaClient(
+            servers, segmenter=args.segmenter, classifier=args.classifier,
             segmenter_version=args.segmenter_version, segmenter_label=args.segmenter_label,
             classifier_version=args.classifier_version, classifier_label=args.classifier_label,
-            threshold=args.threshold, timeout=args.timeout,
-            retry_timeout=args.server_wait) as client:
+            threshold=args.threshold, timeout=args.timeout, server_wait=args.server_wait,
+            connect_timeout=args.connect_timeout)
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    new_failed = 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("a", newline="") as handle, client:
         writer = csv.writer(handle, lineterminator="\n")
         if handle.tell() == 0:
             writer.writerow(COLUMNS)

@@ -10,6 +10,7 @@ from official.core import exp_factory
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.data import synthetic
 from melanoma_tf.masking import mask_lesion
+from melanoma_tf.modeling import optimization
 from melanoma_tf.tasks import melanoma_classification as task
 
 PROFILES = ["melanoma_alexnet_paper", "melanoma_alexnet_tuned", "melanoma_alexnet_modern",
@@ -45,8 +46,8 @@ def test_profile_builds_and_trains(name, masked_lesions):
     keras.utils.set_random_seed(0)
     model = task.build_model(params, training=True)
     task.adapt_normalization(model, images)  # as `fit` does
-    model.compile(optimizer=task.build_optimizer(params.optimizer, steps_per_epoch=1, epochs=params.training.epochs),
-                  loss=keras.losses.BinaryCrossentropy())
+    optimizer = optimization.build_optimizer(params.optimizer, steps_per_epoch=1, epochs=params.training.epochs)
+    model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
     before = {v.path: np.array(v) for v in model.trainable_variables}
     # Three steps: warmup starts at a learning rate of 0, and a zero-initialised output layer
     # passes no gradient back until it has taken one step itself.
@@ -62,7 +63,7 @@ def test_profile_builds_and_trains(name, masked_lesions):
 def test_learning_rate_schedule_ends_exactly_at_the_last_epoch(name):
     params = configs.build_config(name)
     steps, epochs = 9, params.training.epochs
-    schedule = task.learning_rate_schedule(params.optimizer, steps, epochs)
+    schedule = optimization.learning_rate_schedule(params.optimizer, steps, epochs)
     warmup = round(params.optimizer.warmup_epochs * steps)
     assert float(schedule(warmup)) == pytest.approx(params.optimizer.learning_rate)
     assert float(schedule(steps * epochs - 1)) > 0

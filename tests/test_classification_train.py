@@ -19,6 +19,7 @@ import tensorflow as tf
 from melanoma_tf import build_tfrecords
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.data import synthetic
+from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.tasks import melanoma_classification as task
 
 pytestmark = pytest.mark.slow
@@ -87,20 +88,20 @@ def resumed_run(records_2fold, tmp_path_factory):
 def test_folds_never_share_an_image(synthetic_records):
     params = task.resolve_params(config_files=["cls_tiny_test.yaml"],
                                  params_override={"data": {"include_unmasked": True}})
-    data = task.read_lesions(synthetic_records, "train", params.data)
+    data = inputs.read_lesions(synthetic_records, "train", params.data)
     manifest = json.loads((synthetic_records / "manifest.json").read_text())
     for num_folds in (5, 2):
         held_sets = []
         for k in range(num_folds):
-            train_idx, held_idx = task.fold_indices(data.folds, k, num_folds)
+            train_idx, held_idx = inputs.fold_indices(data.folds, k, num_folds)
             assert not set(data.image_ids[train_idx]) & set(data.image_ids[held_idx])
             held_sets.append(set(data.image_ids[held_idx]))
         assert sum(len(s) for s in held_sets) == len(set().union(*held_sets)) == len(data)
     for k in range(5):  # fold k of 5 is exactly the records' stored fold k
-        held = set(data.image_ids[task.fold_indices(data.folds, k, 5)[1]])
+        held = set(data.image_ids[inputs.fold_indices(data.folds, k, 5)[1]])
         assert held == set(manifest["folds"][str(k)]) & set(data.image_ids)
     with pytest.raises(ValueError, match="cannot make 6 folds"):
-        task.fold_indices(data.folds, 0, 6)
+        inputs.fold_indices(data.folds, 0, 6)
 
 
 def test_resume_continues_the_killed_fold_from_its_last_finished_epoch(resumed_run):
@@ -203,13 +204,13 @@ def test_early_stopping_count_survives_a_restart():
 
 
 def test_class_weights_balance_the_classes():
-    data = task.LesionSet(np.zeros((8, 4, 4, 3), np.uint8), np.array([0] * 6 + [1] * 2), np.zeros(8, int),
+    data = inputs.LesionSet(np.zeros((8, 4, 4, 3), np.uint8), np.array([0] * 6 + [1] * 2), np.zeros(8, int),
                           np.array([str(i) for i in range(8)]))
     params = task.resolve_params(params_override={"data": {"batch_size": 4}})
-    _, steps, weights = task._training_data(data, params)
+    _, steps, weights = inputs.training_dataset(data, params)
     assert steps is None and weights[1] / weights[0] == pytest.approx(3.0)
     balanced = task.resolve_params(params_override={"data": {"batch_size": 400, "imbalance": "balanced_sampling"}})
-    ds, steps, weights = task._training_data(data, balanced)
+    ds, steps, weights = inputs.training_dataset(data, balanced)
     labels = next(iter(ds))[1].numpy().argmax(1)
     assert weights is None and steps == 1 and abs(labels.mean() - 0.5) < 0.1
 

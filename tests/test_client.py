@@ -190,7 +190,7 @@ def test_retries_unavailable_until_the_server_comes_up(exports) -> None:
             impatient.predict(fakes.encode_png(fakes.lesion_image(16, 16)))
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
     outcome: dict = {}
-    with MelanomaClient(f"127.0.0.1:{port}", retry_timeout=30, max_backoff=0.5) as patient:
+    with MelanomaClient(f"127.0.0.1:{port}", server_wait=30, max_backoff=0.5) as patient:
         def call() -> None:
             try:
                 outcome["result"] = patient.predict(fakes.encode_png(fakes.lesion_image(16, 16)))

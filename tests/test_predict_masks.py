@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from melanoma_tf import predict_masks, tfrecords
 from melanoma_tf.configs import classification as configs
-from melanoma_tf.tasks import melanoma_classification as task
+from melanoma_tf.dataloaders import classification_input as inputs
 
 import serving_fakes as fakes
 
@@ -61,9 +61,9 @@ def test_classifier_reads_predicted_masks_when_asked(filled, synthetic_records):
     _, out, result = filled
     truth_only = configs.DataConfig(input_size=67)
     both = configs.DataConfig(input_size=67, mask_sources=["ground_truth", "predicted"])
-    assert len(task.read_lesions(out, "train", truth_only)) == len(task.read_lesions(synthetic_records, "train",
+    assert len(inputs.read_lesions(out, "train", truth_only)) == len(inputs.read_lesions(synthetic_records, "train",
                                                                                       truth_only))
-    assert len(task.read_lesions(out, "train", both)) == (len(task.read_lesions(out, "train", truth_only))
+    assert len(inputs.read_lesions(out, "train", both)) == (len(inputs.read_lesions(out, "train", truth_only))
                                                           + result["counts"]["train"]["predicted"])
 
 

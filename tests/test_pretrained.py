@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.modeling import alexnet as alexnet_lib
 from melanoma_tf.modeling import pretrained
 from melanoma_tf.tasks import melanoma_classification as task
@@ -85,8 +86,8 @@ def test_training_starts_from_the_checkpoint(tmp_path):
 
     rng = np.random.default_rng(0)
     size = params.data.input_size
-    data = task.LesionSet(rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8), np.arange(16) % 2,
-                          np.zeros(16, int), np.array([f"img{i}" for i in range(16)]))
+    data = inputs.LesionSet(rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8), np.arange(16) % 2,
+                            np.zeros(16, int), np.array([f"img{i}" for i in range(16)]))
     first = FirstWeights()
     task.fit(data, None, params, tmp_path / "run", epochs=1, callbacks=[first])
     for name in ("conv1", "conv3"):

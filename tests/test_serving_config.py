@@ -69,6 +69,12 @@ def test_batching_parameters() -> None:
     assert options.max_batch_size == params.max_batch_size.value
 
 
+@pytest.mark.parametrize("text", ["pad_variable_length_inputs: true", "allowed_batch_sizes: [8, 16]"])
+def test_batching_the_embedded_server_cannot_do_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not supported by the embedded server"):
+        batching_options_from(parse_batching_parameters(text))
+
+
 def test_monitoring_config() -> None:
     config = parse_monitoring_config((SERVING / "monitoring.config").read_text())
     assert config.prometheus_config.enable

@@ -29,7 +29,6 @@ PAPER_EXPERIMENT = "lesion_maskrcnn_r101_fpn"
 CPU_EXPERIMENT = "lesion_maskrcnn_cpu"
 QUICK_EXPERIMENT = "lesion_maskrcnn_quick"
 NUM_CLASSES = 2  # background, lesion
-LESION_CLASS_ID = 1
 
 
 @dataclasses.dataclass

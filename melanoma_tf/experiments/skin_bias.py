@@ -25,7 +25,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from melanoma_tf import atomic
+from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.evaluation import cross_validation
 from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 from melanoma_tf.tasks import melanoma_classification as task
 
@@ -42,7 +44,7 @@ def run(data_dir: str | Path, output_dir: str | Path, experiment: str | None = N
                                      extra={"data": {"view": view}, "training": {"final_model": False}})
         if not params.training.folds:
             raise ValueError("the skin-bias study needs cross-validation (training.folds > 0)")
-        data = task.read_lesions(data_dir, "train", params.data)
+        data = inputs.read_lesions(data_dir, "train", params.data)
         if image_ids is not None and not np.array_equal(data.image_ids, image_ids):
             raise RuntimeError("the views read different images")  # the mask policy is view-independent
         image_ids = data.image_ids
@@ -50,7 +52,7 @@ def run(data_dir: str | Path, output_dir: str | Path, experiment: str | None = N
         task.prepare_model_dir(params, run_dir)
         print(f"== {title}: {len(data)} images ({data.labels.sum()} melanoma)")
         cv = task.cross_validate(data, params, run_dir)
-        summary = task.summarize_cv(cv, params, run_dir, title)
+        summary = cross_validation.summarize_cv(cv, params, run_dir, title)
         pooled = summary["pooled_last_epoch"]
         results[view] = {"title": title, "roc_auc": pooled["metrics"]["roc_auc"],
                          "balanced_accuracy": pooled["metrics"]["balanced_accuracy"],
@@ -81,7 +83,7 @@ def run(data_dir: str | Path, output_dir: str | Path, experiment: str | None = N
     return report
 
 
-def _size_control(skin_view: task.LesionSet, seed: int) -> dict:
+def _size_control(skin_view: inputs.LesionSet, seed: int) -> dict:
     """AUC of the black share of the skin-only image (the hidden square, i.e. the lesion's size):
     what view (c) can learn without looking at any skin."""
     black = (skin_view.images.max(-1) == 0).mean(axis=(1, 2))

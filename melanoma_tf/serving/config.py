@@ -92,7 +92,6 @@ class BatchingOptions:
     batch_timeout_micros: int = 0
     max_enqueued_batches: int = 10
     num_batch_threads: int = os.cpu_count() or 1
-    pad_variable_length_inputs: bool = False
 
 
 def batching_options_from(spec: Any) -> BatchingOptions | None:
@@ -110,7 +109,10 @@ def batching_options_from(spec: Any) -> BatchingOptions | None:
     for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
                  "num_batch_threads"):
         values[name] = getattr(spec, name).value if spec.HasField(name) else getattr(defaults, name)
-    values["pad_variable_length_inputs"] = spec.pad_variable_length_inputs
+    if spec.pad_variable_length_inputs or spec.allowed_batch_sizes:
+        # Silently batching differently from TF Serving would make the embedded server lie.
+        raise ValueError("pad_variable_length_inputs and allowed_batch_sizes are not supported "
+                         "by the embedded server")
     options = BatchingOptions(**values)
     if options.max_batch_size < 1 or options.num_batch_threads < 1:
         raise ValueError("max_batch_size and num_batch_threads must be >= 1")

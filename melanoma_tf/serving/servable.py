@@ -76,10 +76,6 @@ class Servable:
         self._queues: dict[str, BatchQueue] = {}
         self._queues_lock = threading.Lock()
 
-    @property
-    def signature_names(self) -> list[str]:
-        return sorted(self._functions)
-
     def predict(self, request: predict_pb2.PredictRequest,
                 batched: bool = True) -> predict_pb2.PredictResponse:
         """Validate and run one PredictRequest (through the batcher when enabled)."""

@@ -1,0 +1,97 @@
+"""Scoring across several servers: gRPC round_robin over embedded servers on loopback, a
+replica dying mid-run, and servers that do not answer."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from melanoma_tf import score
+from melanoma_tf.client import MelanomaClient, channel_target, service_config
+from melanoma_tf.serving.server import start_server
+
+import serving_fakes as fakes
+
+# Every request waits ~0.1 s for its batch, so both replicas have requests in flight
+# when one of them stops.
+SLOW_BATCHING = {"max_batch_size": 8, "batch_timeout_micros": 100_000, "num_batch_threads": 2}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fakes.copy_exports(tmp_path_factory.mktemp("replicas") / "exports")
+
+
+def _replica(exports: Path):
+    return start_server({name: exports / name for name in (fakes.SEGMENTER, fakes.CLASSIFIER)},
+                        poll_seconds=0, enable_warmup=False, batching_parameters=SLOW_BATCHING)
+
+
+def _requests(handle) -> int:
+    return sum(queue["tasks"] + queue["unbatched_tasks"]
+               for version in handle.stats().values() for queue in version["batching"].values())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_targets() -> None:
+    assert channel_target("serving:8500") == "serving:8500"  # a DNS name: gRPC resolves it
+    assert channel_target("dns:///serving.default.svc:8500") == "dns:///serving.default.svc:8500"
+    assert channel_target(["127.0.0.1:1", "localhost:2"]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target("127.0.0.1:1, 127.0.0.2:1") == "ipv4:127.0.0.1:1,127.0.0.2:1"
+    for bad in ([], "", " , "):
+        with pytest.raises(ValueError, match="no server address"):
+            channel_target(bad)
+    with pytest.raises(ValueError, match="expected host:port"):
+        channel_target(["127.0.0.1:1", "127.0.0.1"])
+    config = service_config(retries=9, backoff=0.1, max_backoff=2)
+    assert '"round_robin"' in config and '"maxAttempts": 5' in config and "UNAVAILABLE" in config
+
+
+def test_requests_spread_over_replicas_and_survive_one_dying(exports: Path, tmp_path: Path) -> None:
+    first, second = _replica(exports), _replica(exports)
+    images = fakes.write_images(tmp_path / "in", 40, size=24)
+    results, served_before = [], None
+    try:
+        with MelanomaClient([first.target, second.target], connect_timeout=10, timeout=30) as client:
+            for result in client.predict_many(images, concurrency=6):
+                results.append(result)
+                if len(results) == 12:
+                    served_before = _requests(first), _requests(second)
+                    second.stop(grace=0)  # in-flight requests on it are cut off
+        served_after = _requests(first)
+    finally:
+        first.stop()
+        second.stop()
+    assert min(served_before) > 0, f"round_robin must use both replicas: {served_before}"
+    assert served_after > served_before[0]
+    assert sorted(r.image_id for r in results) == sorted(p.stem for p in images), "every image exactly once"
+    assert [r.error for r in results if not r.ok] == []
+
+
+def test_a_server_that_does_not_answer_is_named_within_the_connect_timeout(exports: Path) -> None:
+    dead = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=dead):
+        MelanomaClient(dead, connect_timeout=1)
+    assert time.monotonic() - started < 5
+    with _replica(exports) as alive, MelanomaClient([alive.target, dead], connect_timeout=1) as client:
+        assert client.predict(fakes.encode_png(fakes.lesion_image(24, 24))).ok  # the live one serves
+
+
+def test_score_cli_server_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fakes.write_images(tmp_path / "in", 2, size=16)
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "scores.csv"), "--no-progress"]
+    assert score.main(["--server", " ", *args]) == 2
+    assert "no server address" in capsys.readouterr().err
+    dead = f"127.0.0.1:{_free_port()}"
+    assert score.main(["--server", dead, "--connect-timeout", "1", *args]) == 1
+    assert dead in capsys.readouterr().err
+    assert not (tmp_path / "scores.csv").exists()
