@@ -95,3 +95,18 @@ def test_score_cli_server_errors(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert score.main(["--server", dead, "--connect-timeout", "1", *args]) == 1
     assert dead in capsys.readouterr().err
     assert not (tmp_path / "scores.csv").exists()
+
+
+def test_score_cli_spreads_over_listed_servers(exports: Path, tmp_path: Path) -> None:
+    images = fakes.write_images(tmp_path / "in", 12, size=16)
+    first, second = _replica(exports), _replica(exports)
+    try:
+        code = score.main(["--server", first.target, "--server", second.target, "--input", str(tmp_path / "in"),
+                           "--output", str(tmp_path / "scores.csv"), "--no-progress", "--concurrency", "4"])
+        served = _requests(first), _requests(second)
+    finally:
+        first.stop()
+        second.stop()
+    assert code == 0 and min(served) > 0, served
+    rows = (tmp_path / "scores.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[0] for row in rows) == sorted(p.stem for p in images)

@@ -211,7 +211,9 @@ def test_export_signature_shapes_dtypes_and_bad_images(seg_export, synthetic_dir
         want = masking.mask_lesion(tf.constant(decoded), tf.constant(mask[:h, :w])).numpy()
         np.testing.assert_array_equal(out["masked_image"][i], want)
         assert out["status"][i] == (0 if mask.any() else 1)
-    tensor_out = model.signatures["serving_image_tensor"](images=tf.constant(sources[0][None]))
+    # The same pixels as serving_default decoded (PIL's JPEG decoder differs from TF's by a few levels).
+    decoded = tf.io.decode_image(batch[0], channels=3)
+    tensor_out = model.signatures["serving_image_tensor"](images=decoded[None])
     height, width = sources[0].shape[:2]
     np.testing.assert_array_equal(tensor_out["lesion_mask"][0].numpy(), out["lesion_mask"][0][:height, :width])
 

@@ -9,6 +9,7 @@ dermoscopy augmentation, and evaluation adds per-image lesion metrics at full re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -133,27 +134,57 @@ def distribution_strategy(params: cfg.ExperimentConfig) -> tf.distribute.Strateg
     """Model Garden's strategy from the runtime config; `mirrored` with no GPU mirrors over the
     logical CPU devices when there are several (how multi-device code is tested without GPUs)."""
     runtime = params.runtime
-    cpus = tf.config.list_logical_devices("CPU")
-    if runtime.distribution_strategy == "mirrored" and runtime.num_gpus == 0 and len(cpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    if runtime.distribution_strategy == "mirrored" and runtime.num_gpus == 0:
+        cpus = tf.config.list_logical_devices("CPU")  # initialises TF: not before multi-worker strategies
+        if len(cpus) > 1:
+            return tf.distribute.MirroredStrategy([d.name for d in cpus])
     return distribute_utils.get_distribution_strategy(
         distribution_strategy=runtime.distribution_strategy, all_reduce_alg=runtime.all_reduce_alg,
         num_gpus=runtime.num_gpus, tpu_address=runtime.tpu)
 
 
+class ExperimentRunner(train_lib.OrbitExperimentRunner):
+    """Model Garden's runner, except that a worker other than the chief resumes from the chief's
+    latest checkpoint. Model Garden gives such a worker an empty temporary checkpoint folder, so
+    after a restart it would start from scratch while the chief restores, and the workers'
+    collectives would stop matching (the run crashes)."""
+
+    def _maybe_build_checkpoint_manager(self) -> tf.train.CheckpointManager | None:
+        manager = super()._maybe_build_checkpoint_manager()
+        latest = tf.train.latest_checkpoint(self.model_dir)
+        if manager is None or self.strategy.extended.should_checkpoint or latest is None:
+            return manager
+        # The chief cannot write a newer checkpoint meanwhile: its next step waits for this worker.
+        for path in tf.io.gfile.glob(latest + ".*"):
+            tf.io.gfile.copy(path, os.path.join(manager.directory, os.path.basename(path)), overwrite=True)
+        name = os.path.basename(latest)
+        with tf.io.gfile.GFile(os.path.join(manager.directory, "checkpoint"), "w") as state:  # CheckpointState
+            state.write(f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+        return tf.train.CheckpointManager(
+            manager.checkpoint, manager.directory, max_to_keep=1, step_counter=self.trainer.global_step,
+            checkpoint_interval=self.params.trainer.checkpoint_interval, init_fn=self.trainer.initialize)
+
+
 def run(params: cfg.ExperimentConfig, model_dir: Path | str, mode: str = "train_and_eval"):
-    """Runs Model Garden's training driver; resumes from the latest checkpoint in `model_dir`."""
+    """Runs Model Garden's training driver; resumes from the latest checkpoint in `model_dir`.
+
+    With several workers (`multi_worker_mirrored`, TF_CONFIG), every worker runs this with the
+    same model_dir; only the chief writes there (Model Garden's rule: other workers checkpoint
+    into a temporary folder).
+    """
     model_dir = str(model_dir)
-    if "train" in mode:
+    strategy = distribution_strategy(params)
+    chief = strategy.extended.should_checkpoint
+    if "train" in mode and chief:
         train_utils.serialize_config(params, model_dir)
     if params.runtime.mixed_precision_dtype:
         performance.set_mixed_precision_policy(params.runtime.mixed_precision_dtype)
-    strategy = distribution_strategy(params)
     with strategy.scope():
-        task = task_factory.get_task(params.task, logging_dir=model_dir)
+        task = task_factory.get_task(params.task, logging_dir=model_dir if chief else None)
     logging.info("training %s into %s on %s", type(task).__name__, model_dir, type(strategy).__name__)
-    return train_lib.run_experiment(distribution_strategy=strategy, task=task, mode=mode,
-                                    params=params, model_dir=model_dir)
+    runner = ExperimentRunner(distribution_strategy=strategy, task=task, mode=mode, params=params,
+                              model_dir=model_dir, save_summary=chief)
+    return runner.run()  # what train_lib.run_experiment does with its own runner
 
 
 def train(data_dir, model_dir, experiment=None, config_files=(), params_override="",
@@ -162,9 +193,11 @@ def train(data_dir, model_dir, experiment=None, config_files=(), params_override
     params = build_experiment(experiment, data_dir, config_files, params_override, train_steps)
     run(params, model_dir, mode)
     metrics_file = Path(model_dir, EVAL_METRICS_FILE)
-    if mode == "train_and_eval" and not metrics_file.is_file():
+    single_worker = params.runtime.distribution_strategy != "multi_worker_mirrored"
+    if mode == "train_and_eval" and not metrics_file.is_file() and single_worker:
         # Orbit evaluates only inside its training loop, so a run restarted after its last
-        # step (killed during the final evaluation) needs the evaluation on its own.
+        # step (killed during the final evaluation) needs the evaluation on its own. Several
+        # workers would not agree on it (only the chief writes the file): run --mode eval.
         run(params, model_dir, "eval")
     if "eval" in mode and metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())

@@ -1,0 +1,90 @@
+"""The Kubernetes manifests parse and agree with each other and with the rest of serving/
+(kubectl is not needed: a YAML load plus the fields the project relies on)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import tensorflow as tf
+import yaml
+
+from melanoma_tf import contract
+from melanoma_tf.client import channel_target
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "serving" / "kubernetes"
+
+
+def _load(name: str) -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(doc), (name, doc.get("kind"))
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def _selects(service: dict, pod_labels: dict) -> bool:
+    return all(pod_labels.get(k) == v for k, v in service["spec"]["selector"].items())
+
+
+def test_serving_replicas_behind_a_headless_service() -> None:
+    docs = _load("serving.yaml")
+    deployment, service = docs["Deployment/melanoma-serving"], docs["Service/melanoma-serving"]
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["clusterIP"] == "None" and _selects(service, pod["metadata"]["labels"])
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8500, "http": 8501}
+
+    container = pod["spec"]["containers"][0]
+    major, minor = tf.__version__.split(".")[:2]
+    assert re.fullmatch(rf"tensorflow/serving:{major}\.{minor}\.\d+", container["image"])
+    compose = (ROOT / "serving" / "docker-compose.yml").read_text()
+    assert container["image"] in compose
+    for arg in container["args"]:  # the same server flags as the Docker deployment
+        assert arg in compose, arg
+    probed = {container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe")}
+    assert probed == {f"/v1/models/{m}/metadata" for m in (contract.SEGMENTER, contract.CLASSIFIER)}
+
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"models": "/models", "config": "/config"}
+    base_paths = re.findall(r'base_path: "([^"]+)"', (ROOT / "serving" / "models.config").read_text())
+    assert base_paths and all(path.startswith("/models/") for path in base_paths)
+    for referenced in re.findall(r"/config/([\w.]+)", " ".join(container["args"])):
+        assert (ROOT / "serving" / referenced).is_file(), referenced
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_scoring_job_targets_every_replica() -> None:
+    service = _load("serving.yaml")["Service/melanoma-serving"]
+    job = _load("score-job.yaml")["Job/melanoma-score"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "melanoma_tf.score"]
+    args = dict(a.lstrip("-").split("=", 1) for a in container["args"] if "=" in a)
+    assert args["server"] == f"dns:///{service['metadata']['name']}:8500"
+    assert channel_target(args["server"]) == args["server"]  # handed to gRPC's DNS resolver as it is
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert any(args["input"].startswith(m) for m in mounts) and any(args["output"].startswith(m) for m in mounts)
+
+
+def test_training_job_gives_each_worker_its_tf_config() -> None:
+    docs = _load("train-job.yaml")
+    job, service = docs["Job/melanoma-train"], docs["Service/melanoma-train"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert _selects(service, {"job-name": job["metadata"]["name"]})  # the label Kubernetes puts on Job pods
+    script = pod["containers"][0]["args"][0]
+    exported = re.search(r"export TF_CONFIG=(.+)", script).group(1)
+    port = service["spec"]["ports"][0]["port"]
+    for index in range(spec["completions"]):
+        config = json.loads(shlex.split(exported.replace("$JOB_COMPLETION_INDEX", str(index)))[0])
+        workers = config["cluster"]["worker"]
+        assert len(workers) == spec["completions"]
+        assert workers == [f"{job['metadata']['name']}-{i}.{pod['subdomain']}:{port}" for i in range(len(workers))]
+        assert config["task"] == {"type": "worker", "index": index}
+    assert "runtime.distribution_strategy=multi_worker_mirrored" in script
+    assert "python -m melanoma_tf.train --stage seg" in script
