@@ -22,7 +22,8 @@ Decisions:
 * Servers: one address, a DNS name that resolves to several (a Kubernetes headless
   Service), or a list of addresses; requests spread over them with gRPC's `round_robin`
   load balancing (`channel_target`).
-* Retries are gRPC's own retry policy (`service_config`): UNAVAILABLE is retried with
+* Retries are gRPC's own retry policy (`service_config`): UNAVAILABLE (no server) and
+  CANCELLED (what a server shutting down answers its in-flight calls) are retried with
   exponential backoff and jitter, on the next replica (Predict is idempotent), up to
   `retries` more attempts (gRPC allows 4).  `timeout` is the deadline of a call with its
   retries.  With `server_wait`, a call finding no ready server waits up to that many
@@ -178,13 +179,14 @@ def channel_target(servers: str | Sequence[str]) -> str:
 
 
 def service_config(retries: int, backoff: float, max_backoff: float) -> str:
-    """gRPC service config: round_robin over the servers; Predict retried on UNAVAILABLE."""
+    """gRPC service config: round_robin over the servers; Predict retried when a server is
+    missing (UNAVAILABLE) or went away during the call (CANCELLED)."""
     method: dict[str, Any] = {"name": [{"service": PREDICTION_SERVICE}]}
     if retries > 0:
         method["retryPolicy"] = {
             "maxAttempts": min(retries + 1, MAX_ATTEMPTS), "initialBackoff": f"{backoff:g}s",
             "maxBackoff": f"{max_backoff:g}s", "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"]}
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
     return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
 
 

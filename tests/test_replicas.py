@@ -52,7 +52,8 @@ def test_targets() -> None:
     with pytest.raises(ValueError, match="expected host:port"):
         channel_target(["127.0.0.1:1", "127.0.0.1"])
     config = service_config(retries=9, backoff=0.1, max_backoff=2)
-    assert '"round_robin"' in config and '"maxAttempts": 5' in config and "UNAVAILABLE" in config
+    assert '"round_robin"' in config and '"maxAttempts": 5' in config
+    assert '"retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]' in config
 
 
 def test_requests_spread_over_replicas_and_survive_one_dying(exports: Path, tmp_path: Path) -> None:
