@@ -8,7 +8,9 @@ divided by the number of cores, so other jobs on the machine do not shrink it. A
 measures CPU seconds per step; the run then gets the number of steps that fits the budget and
 a learning-rate schedule that ends exactly there. Evaluation (Model Garden's eval with our
 full-resolution lesion metrics) runs on the test split after training, outside the budget.
-Results go to benchmarks/results/segmentation-<profile>-<N>min.json.
+Results go to benchmarks/results/segmentation-<profile>-<N>min-<sample version>.json (sample v1's
+carry no suffix), with Otsu on the same test images and the model's Jaccard minus Otsu's, paired
+per image.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import tensorflow as tf
 from official.core import task_factory
 
-from melanoma_tf import build_tfrecords, tfrecords
+from melanoma_tf import atomic, build_tfrecords, evaluate, tfrecords
 from melanoma_tf.configs import segmentation as seg_cfg
 from melanoma_tf.evaluation import baselines
 from melanoma_tf.evaluation import segmentation as seg_metrics
@@ -56,14 +58,26 @@ def cpu_seconds_per_step(params, probe_steps: int = 6) -> float:
     return (time.process_time() - start) / probe_steps
 
 
-def otsu_baseline(records: Path) -> dict[str, float]:
+def otsu_baseline(records: Path) -> dict[str, dict]:
+    """Otsu's metrics on every masked test image, by image id."""
     pattern = tfrecords.split_pattern(records, "test", with_nomask=False)
-    per_image = []
+    per_image = {}
     for raw in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))):
         ex = tfrecords.parse_lesion(raw)
         pred = baselines.otsu_lesion_mask(ex["image"].numpy())
-        per_image.append(seg_metrics.image_metrics(pred, ex["mask"].numpy()))
-    return seg_metrics.summarize(per_image)
+        per_image[ex["image_id"].numpy().decode()] = seg_metrics.image_metrics(pred, ex["mask"].numpy())
+    return per_image
+
+
+def paired_with_otsu(records: Path, model_dir: Path) -> dict:
+    """Otsu's summary and the model's Jaccard minus Otsu's on the same test images (paired
+    bootstrap), the model's per-image metrics taken from its last evaluation."""
+    otsu = otsu_baseline(records)
+    by_source = {r["source_id"]: image_id
+                 for image_id, r in json.loads((records / "manifest.json").read_text())["images"].items()}
+    model = json.loads((model_dir / lesion_segmentation.EVAL_PER_IMAGE_FILE).read_text())["images"]
+    rows = [{"jaccard": r["jaccard"], "otsu_jaccard": otsu[by_source[r["source_id"]]]["jaccard"]} for r in model]
+    return {"otsu": seg_metrics.summarize(list(otsu.values())), "jaccard_minus_otsu": evaluate.jaccard_minus_otsu(rows)}
 
 
 def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, overrides: str,
@@ -90,27 +104,33 @@ def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, ove
     }
 
 
+def _sample_version(name: str) -> str:
+    """Results of sample v1 carry no suffix (`segmentation-cpu-60min.json`), later ones `-v2`."""
+    return name.rsplit("min-", 1)[1].removesuffix(".json") if "min-" in name else "v1"
+
+
 def plot() -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    otsu, longest = None, 0.0
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    longest = 0.0
     for profile in PROFILES:
-        rows = sorted((json.loads(p.read_text()) for p in RESULTS.glob(f"segmentation-{profile}-*min.json")),
-                      key=lambda r: r["budget_minutes"])
-        if rows:
-            ax.plot([r["budget_minutes"] for r in rows], [r["model"]["jaccard"] for r in rows], "o-",
-                    label=f"{profile} ({rows[0]['backbone']}, {rows[0]['input_size'][0]}px)")
-            otsu = rows[0]["otsu"]["jaccard"]
+        by_sample: dict[str, list[dict]] = {}
+        for path in RESULTS.glob(f"segmentation-{profile}-*min*.json"):
+            by_sample.setdefault(_sample_version(path.name), []).append(json.loads(path.read_text()))
+        for sample, rows in sorted(by_sample.items()):
+            rows.sort(key=lambda r: r["budget_minutes"])
+            line, = ax.plot([r["budget_minutes"] for r in rows], [r["model"]["jaccard"] for r in rows], "o-",
+                            label=f"{profile}, sample {sample} ({rows[0]['backbone']}, {rows[0]['input_size'][0]}px)")
+            ax.axhline(rows[0]["otsu"]["jaccard"], color=line.get_color(), ls="--", lw=0.8,
+                       label=f"Otsu threshold, sample {sample}")
             longest = max(longest, rows[-1]["budget_minutes"])
-    if otsu is not None:
-        ax.axhline(otsu, color="grey", ls="--", label="Otsu threshold")
     ax.set(xlabel="training budget (minutes of a 2-core CPU)", ylabel="mean Jaccard, test split",
            title="Lesion segmentation on the ISIC sample", ylim=(-0.03, 1), xlim=(0, longest * 1.1 or 1))
-    ax.legend()
+    ax.legend(fontsize=7, loc="lower right")
     out = RESULTS / "segmentation_budget.png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -129,23 +149,27 @@ def main() -> None:
                    help="fix the step count (e.g. to resume an interrupted run from its checkpoints)")
     p.add_argument("--cpu-seconds-per-step", type=float, default=None,
                    help="skip the probe and use this cost, e.g. from an earlier run's JSON of the same profile")
+    p.add_argument("--sample-version", default="v2", help="suffix of the result file: which sample version it is on")
     p.add_argument("--plot", action="store_true", help="only redraw the chart from saved results")
     args = p.parse_args()
     if args.plot:
         print(plot())
         return
     records = ensure_records(args.data_dir, args.records)
-    name = f"segmentation-{args.profile}-{args.budget_minutes:g}min"
+    name = f"segmentation-{args.profile}-{args.budget_minutes:g}min-{args.sample_version}"
     model_dir = args.model_dir or HERE / ".runs" / name
     result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override,
                  args.train_steps, args.cpu_seconds_per_step)
-    result["otsu"] = otsu_baseline(records)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    result.update(paired_with_otsu(records, model_dir))
+    result["sample_version"] = args.sample_version
+    atomic.write_json(RESULTS / f"{name}.json", result, indent=1)
     keys = ("jaccard", "threshold_jaccard", "dice", "detection_rate", "segmentation_precision")
     print(f"{'':10s}" + "".join(f"{k:>20s}" for k in keys))
     for who in ("model", "otsu"):
         print(f"{who:10s}" + "".join(f"{result[who][k]:20.3f}" for k in keys))
+    diff = result["jaccard_minus_otsu"]
+    print(f"Jaccard minus Otsu, paired on {diff['num_images']} images: {diff['value']:+.3f} "
+          f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]")
     plot()
 
 

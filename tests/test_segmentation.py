@@ -114,6 +114,11 @@ def test_training_writes_checkpoints_summaries_and_lesion_metrics(tiny_seg_run, 
     assert metrics["lesion_table1_found"] + metrics["lesion_table1_missed"] + \
         metrics["lesion_table1_background_called_lesion"] == test_masked
     assert "mask_AP" in metrics and metrics["step"] == 4
+    per_image = json.loads((tiny_seg_run / lesion_segmentation.EVAL_PER_IMAGE_FILE).read_text())
+    manifest = json.loads((synthetic_records / "manifest.json").read_text())["images"]
+    test_ids = {r["source_id"] for r in manifest.values() if r["split"] == "test" and r["has_mask"]}
+    assert sorted(r["source_id"] for r in per_image["images"]) == sorted(test_ids)
+    assert np.mean([r["jaccard"] for r in per_image["images"]]) == pytest.approx(metrics["lesion_jaccard"])
 
 
 def test_rerun_after_the_last_step_still_evaluates(tiny_seg_run, synthetic_records, tmp_path):

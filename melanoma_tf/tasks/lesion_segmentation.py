@@ -32,6 +32,7 @@ from melanoma_tf.evaluation import segmentation as seg_metrics
 
 _LESION_LOGS = "lesion_eval"
 EVAL_METRICS_FILE = "eval_metrics.json"
+EVAL_PER_IMAGE_FILE = "eval_per_image.json"  # lesion metrics by record source_id, for paired comparisons
 
 
 @task_factory.register_task_cls(seg_cfg.LesionSegmentationTask)
@@ -67,6 +68,7 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
         logs = {self.loss: 0}
         self._update_metrics(labels, outputs, logs)
         logs[_LESION_LOGS] = {
+            "source_id": labels["groundtruths"]["source_id"],
             "mask_png": labels["groundtruths"]["lesion_mask_png"],
             "image_info": labels["image_info"],
             "boxes": outputs["detection_boxes"],
@@ -88,7 +90,8 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
             pred, _, _ = seg_metrics.final_lesion_mask(boxes, lesion["scores"][i, :n],
                                                        lesion["masks"][i, :n], *truth.shape)
             self._lesion_per_image.append(
-                seg_metrics.image_metrics(pred, truth, self.task_config.jaccard_threshold))
+                {"source_id": int(lesion["source_id"][i]),
+                 **seg_metrics.image_metrics(pred, truth, self.task_config.jaccard_threshold)})
         return super().aggregate_logs(state, step_outputs)
 
     def reduce_aggregated_logs(self, aggregated_logs, global_step=None):
@@ -98,6 +101,8 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
             scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
             scalars["step"] = int(tf.convert_to_tensor(global_step)) if global_step is not None else -1
             atomic.write_json(Path(self._logging_dir) / EVAL_METRICS_FILE, scalars, sort_keys=True)
+            atomic.write_json(Path(self._logging_dir) / EVAL_PER_IMAGE_FILE,
+                              {"step": scalars["step"], "images": self._lesion_per_image})
         return logs
 
 
