@@ -50,8 +50,9 @@ def _version_dir(path: Path) -> Path:
 
 def _load_images(directory: Path | None, count: int) -> list[bytes]:
     if directory is None:
-        directory = synthetic.generate_dataset(Path(tempfile.mkdtemp(prefix="melanoma_bench_")) / "synthetic",
-                                               num_images=count) / "images"
+        with tempfile.TemporaryDirectory(prefix="melanoma_bench_") as scratch:
+            return _load_images(synthetic.generate_dataset(Path(scratch) / "synthetic", num_images=count) / "images",
+                                count)
     files = sorted(p for p in directory.rglob("*")
                    if p.suffix.lower() in {".jpg", ".jpeg", ".png"} and not p.stem.endswith("_segmentation"))[:count]
     if not files:

@@ -167,10 +167,10 @@ def channel_target(servers: str | Sequence[str]) -> str:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise ValueError(f"server address {address!r}: expected host:port")
-        hosts.append((address, host.strip("[]"), int(port)))
+        hosts.append((host.strip("[]"), int(port)))
     for family, scheme, form in ((socket.AF_INET, "ipv4", "{}:{}"), (socket.AF_INET6, "ipv6", "[{}]:{}")):
         try:
-            resolved = [form.format(info[4][0], port) for address, host, port in hosts
+            resolved = [form.format(info[4][0], port) for host, port in hosts
                         for info in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)]
         except socket.gaierror:
             continue
