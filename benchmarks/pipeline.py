@@ -40,19 +40,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
     """Copies a finished segmentation run's latest checkpoint into seg_dir."""
-    import tensorflow as tf
+    from melanoma_tf.tasks import lesion_segmentation
 
-    prefix = tf.train.latest_checkpoint(str(seg_from))
-    if prefix is None:
+    if lesion_segmentation.copy_latest_checkpoint(seg_from, seg_dir) is None:
         raise FileNotFoundError(f"{seg_from}: no checkpoint, not a Model Garden run folder")
-    latest = Path(prefix).name
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    for path in seg_from.glob(f"{latest}.*"):
-        if not (seg_dir / path.name).exists():
-            shutil.copy2(path, seg_dir / path.name)
-    # An index naming only the copied checkpoint (the source's also lists older ones).
-    (seg_dir / "checkpoint").write_text(f'model_checkpoint_path: "{latest}"\n'
-                                        f'all_model_checkpoint_paths: "{latest}"\n')
 
 
 def by_image_quality(rows: list[dict], data_dir: Path) -> dict:

@@ -148,6 +148,23 @@ def distribution_strategy(params: cfg.ExperimentConfig) -> tf.distribute.Strateg
         num_gpus=runtime.num_gpus, tpu_address=runtime.tpu)
 
 
+def copy_latest_checkpoint(source: str | Path, destination: str | Path) -> str | None:
+    """Copies the latest checkpoint of `source` into `destination` (files already there are
+    kept) with a checkpoint index naming only it; returns its name, None when `source` has none."""
+    prefix = tf.train.latest_checkpoint(str(source))
+    if prefix is None:
+        return None
+    name = os.path.basename(prefix)
+    tf.io.gfile.makedirs(str(destination))
+    for path in tf.io.gfile.glob(prefix + ".*"):
+        target = os.path.join(str(destination), os.path.basename(path))
+        if not tf.io.gfile.exists(target):
+            tf.io.gfile.copy(path, target)
+    with tf.io.gfile.GFile(os.path.join(str(destination), "checkpoint"), "w") as state:  # CheckpointState
+        state.write(f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+    return name
+
+
 class ExperimentRunner(train_lib.OrbitExperimentRunner):
     """Model Garden's runner, except that a worker other than the chief resumes from the chief's
     latest checkpoint. Model Garden gives such a worker an empty temporary checkpoint folder, so
@@ -156,15 +173,11 @@ class ExperimentRunner(train_lib.OrbitExperimentRunner):
 
     def _maybe_build_checkpoint_manager(self) -> tf.train.CheckpointManager | None:
         manager = super()._maybe_build_checkpoint_manager()
-        latest = tf.train.latest_checkpoint(self.model_dir)
-        if manager is None or self.strategy.extended.should_checkpoint or latest is None:
+        if manager is None or self.strategy.extended.should_checkpoint:
             return manager
         # The chief cannot write a newer checkpoint meanwhile: its next step waits for this worker.
-        for path in tf.io.gfile.glob(latest + ".*"):
-            tf.io.gfile.copy(path, os.path.join(manager.directory, os.path.basename(path)), overwrite=True)
-        name = os.path.basename(latest)
-        with tf.io.gfile.GFile(os.path.join(manager.directory, "checkpoint"), "w") as state:  # CheckpointState
-            state.write(f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+        if copy_latest_checkpoint(self.model_dir, manager.directory) is None:
+            return manager
         return tf.train.CheckpointManager(
             manager.checkpoint, manager.directory, max_to_keep=1, step_counter=self.trainer.global_step,
             checkpoint_interval=self.params.trainer.checkpoint_interval, init_fn=self.trainer.initialize)
