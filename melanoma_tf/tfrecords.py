@@ -237,13 +237,33 @@ def split_items(items: Sequence[isic.LesionItem], rule: str, test_fraction: floa
                          "in the download; use the stratified split")
     if rule != "stratified" and held_out.all():
         raise ValueError(f"split {rule!r}: every image is a test image, none is left to train on")
-    labels, masked = [it.label for it in items], [it.mask_path is not None for it in items]
-    groups = [it.lesion_id or it.image_id for it in items]
     if rule == "stratified":
-        return (*assign_splits(labels, masked, groups, test_fraction, folds, seed), rule)
+        return (*_assign_by_kind(items, np.arange(len(items)), test_fraction, folds, seed), rule)
     train = np.flatnonzero(~held_out)
-    _, train_fold = assign_splits([labels[i] for i in train], [masked[i] for i in train],
-                                            [groups[i] for i in train], 0.0, folds, seed)
     fold = np.full(len(items), -1)
-    fold[train] = train_fold
+    fold[train] = _assign_by_kind(items, train, 0.0, folds, seed)[1]
     return held_out, fold, rule
+
+
+def _assign_by_kind(items: Sequence[isic.LesionItem], index: np.ndarray, test_fraction: float, folds: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`assign_splits` of items[index], melanomas and nevi apart from other lesions: records built
+    with --include-other then hold every melanoma and nevus in the same split and fold as records
+    built without, so runs with and without the other lesions compare image for image. Too few
+    other lesions for a stratified split all go to the training folds, in turn."""
+    is_test, fold = np.zeros(len(index), bool), np.full(len(index), -1)
+    other = np.array([items[i].label == isic.OTHER for i in index], bool)
+    for is_other in (False, True):
+        part = np.flatnonzero(other == is_other)
+        if not len(part):
+            continue
+        chosen = [items[i] for i in index[part]]
+        args = ([it.label for it in chosen], [it.mask_path is not None for it in chosen],
+                [it.lesion_id or it.image_id for it in chosen], test_fraction, folds, seed)
+        try:
+            is_test[part], fold[part] = assign_splits(*args)
+        except ValueError:
+            if not is_other:
+                raise
+            fold[part] = np.arange(len(part)) % max(folds, 1)
+    return is_test, fold

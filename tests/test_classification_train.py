@@ -226,3 +226,31 @@ def test_test_time_augmentation_is_invariant_to_the_symmetries_it_averages():
     np.testing.assert_allclose(task.predict(model, np.rot90(images, 1, axes=(1, 2)).copy(), tta=True), plain, atol=1e-5)
     np.testing.assert_allclose(task.predict(model, images[:, ::-1].copy(), tta=True), plain, atol=1e-5)
     assert not np.allclose(task.predict(model, images), plain, atol=1e-5)
+
+
+def test_other_lesions_keep_every_melanoma_and_nevus_in_place_and_train_as_not_melanoma(tmp_path):
+    data = synthetic.generate_dataset(tmp_path / "data", num_images=60, seed=4, image_size=(96, 128),
+                                      include_other=12)
+    with_other, without = tmp_path / "with_other", tmp_path / "without"
+    build_tfrecords.build(data, with_other, folds=2, seed=0, include_other=True, progress=False)
+    build_tfrecords.build(data, without, folds=2, seed=0, progress=False)
+    placed = {name: {i: (r["split"], r["fold"], r["label"]) for i, r in
+                     json.loads((d / "manifest.json").read_text())["images"].items()}
+              for name, d in (("with", with_other), ("without", without))}
+    others = {i for i, v in placed["with"].items() if v[2] == "other"}
+    assert len(others) == 12 and {v[0] for i, v in placed["with"].items() if i in others} == {"train", "test"}
+    assert {i: v for i, v in placed["with"].items() if i not in others} == placed["without"]
+
+    run = dict(config_files=["cls_tiny_test.yaml"], epochs=1,
+               params_override={"data": {"other_as_negative": True}, "training": {"folds": 2, "final_model": False}})
+    task.train(with_other, tmp_path / "run", **run)
+    train_others = {i for i in others if placed["with"][i][0] == "train"}
+    for k in range(2):
+        result = json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())
+        held = {p["image_id"] for p in result["predictions"]}
+        melanoma_nevus = {i for i, v in placed["without"].items() if v[0] == "train"}
+        assert held == {i for i in melanoma_nevus if placed["without"][i][1] == k}  # no other lesion held out
+        assert result["n_train"] == (len(melanoma_nevus) - len(held)
+                                     + sum(placed["with"][i][1] != k for i in train_others))
+    with pytest.raises(ValueError, match="--include-other"):
+        task.train(without, tmp_path / "run_without", **run)

@@ -34,15 +34,18 @@ class DataConfig(hyperparams.Config):
 
     mask_sources: records whose `mask_source` is listed are used ('ground_truth' now, add
     'predicted' once stage 1 fills in masks); include_unmasked also uses records without any mask
-    (the lesion view is then the whole frame). imbalance: 'class_weight' (loss weights
-    inversely proportional to class frequency), 'balanced_sampling' (each batch draws both
-    classes equally often) or 'none'.
+    (the lesion view is then the whole frame). other_as_negative: the train split's other lesions
+    (label 2: seborrheic keratoses and other diagnoses; records built with --include-other) also
+    train, as not melanoma; validation and test metrics stay melanoma against nevus.
+    imbalance: 'class_weight' (loss weights inversely proportional to class frequency),
+    'balanced_sampling' (each batch draws both classes equally often) or 'none'.
     """
     input_size: int = 227
     view: str = "lesion"
     margin: float = 0.1
     mask_sources: List[str] = dataclasses.field(default_factory=lambda: ["ground_truth"])
     include_unmasked: bool = False
+    other_as_negative: bool = False
     batch_size: int = 32
     imbalance: str = "class_weight"
 

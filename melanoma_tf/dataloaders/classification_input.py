@@ -18,7 +18,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from melanoma_tf import masking, tfrecords
 from melanoma_tf.configs import classification as configs
 
-NEVUS, MELANOMA = 0, 1
+NEVUS, MELANOMA, OTHER = 0, 1, 2  # record label ids
 
 
 @dataclasses.dataclass
@@ -35,6 +35,10 @@ class LesionSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def concat(self, other: "LesionSet") -> "LesionSet":
+        return LesionSet(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
+                           for f in dataclasses.fields(self)))
 
 
 def read_lesions(data_dir: str | Path, split: str, data: configs.DataConfig,
@@ -65,6 +69,16 @@ def read_lesions(data_dir: str | Path, split: str, data: configs.DataConfig,
                          f"include_unmasked={data.include_unmasked})")
     images, labels, folds, ids = (np.concatenate(p) for p in zip(*parts))
     return LesionSet(images, labels.astype(int), folds.astype(int), ids.astype(str))
+
+
+def read_other_negatives(data_dir: str | Path, split: str, data: configs.DataConfig) -> LesionSet:
+    """The split's other lesions (label 2) labelled nevus: not-melanoma training images
+    (data.other_as_negative)."""
+    try:
+        others = read_lesions(data_dir, split, data, classes=(OTHER,))
+    except ValueError as e:
+        raise ValueError(f"data.other_as_negative: {e}; build the records with --include-other") from None
+    return dataclasses.replace(others, labels=np.full(len(others), NEVUS))
 
 
 def fold_indices(folds: np.ndarray, k: int, num_folds: int) -> tuple[np.ndarray, np.ndarray]:

@@ -162,8 +162,11 @@ def predict(model: keras.Model, images: np.ndarray, tta: bool = False, batch_siz
 
 
 def cross_validate(data: inputs.LesionSet, params: configs.ClassificationExperiment, model_dir: Path,
-                   callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
-    """Runs (or resumes) every fold; returns per-fold results and out-of-fold predictions."""
+                   callbacks: Sequence[keras.callbacks.Callback] = (),
+                   negatives: inputs.LesionSet | None = None) -> dict:
+    """Runs (or resumes) every fold; returns per-fold results and out-of-fold predictions.
+    `negatives` (other lesions as not melanoma) join each fold's training images, never its
+    held-out ones."""
     num_folds, results = params.training.folds, []
     for k in range(num_folds):
         run_dir = model_dir / f"fold_{k}"
@@ -174,6 +177,8 @@ def cross_validate(data: inputs.LesionSet, params: configs.ClassificationExperim
             continue
         train_idx, held_idx = inputs.fold_indices(data.folds, k, num_folds)
         train, held = data.subset(train_idx), data.subset(held_idx)
+        if negatives is not None:
+            train = train.concat(negatives.subset(inputs.fold_indices(negatives.folds, k, num_folds)[0]))
         print(f"fold {k + 1}/{num_folds}: {len(train)} training images ({train.labels.sum()} melanoma), "
               f"{len(held)} held out ({held.labels.sum()} melanoma)")
         model, best_epoch = fit(train, held, params, run_dir, params.training.epochs, callbacks)
@@ -237,12 +242,16 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
         raise ValueError("nothing to do: training.folds is 0 and training.final_model is false")
     data = inputs.read_lesions(data_dir, "train", params.data)
     print(f"train split: {len(data)} images ({data.labels.sum()} melanoma), view {params.data.view!r}")
+    negatives = None
+    if params.data.other_as_negative:
+        negatives = inputs.read_other_negatives(data_dir, "train", params.data)
+        print(f"            and {len(negatives)} other lesions, trained on as not melanoma")
     out: dict = {"cv": None, "test": None}
     rows: list[dict] = []
     best_epochs: list[int] = []
     threshold = params.evaluation.threshold
     if t.folds:
-        cv = cross_validate(data, params, model_dir, callbacks)
+        cv = cross_validate(data, params, model_dir, callbacks, negatives)
         out["cv"] = cross_validation.summarize_cv(cv, params, model_dir)
         rows += [p | {"split": "train"} for p in cv["oof"]]
         best_epochs = [r["best_epoch"] for r in cv["folds"]]
@@ -259,8 +268,9 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
         else:
             stopped_early = best_epochs and t.early_stopping_patience
             epochs_final = t.final_epochs or (int(math.ceil(np.median(best_epochs))) if stopped_early else t.epochs)
-            print(f"final model: {len(data)} training images, {epochs_final} epochs")
-            model, _ = fit(data, None, params, model_dir / "final", epochs_final, callbacks)
+            final_data = data if negatives is None else data.concat(negatives)
+            print(f"final model: {len(final_data)} training images, {epochs_final} epochs")
+            model, _ = fit(final_data, None, params, model_dir / "final", epochs_final, callbacks)
             with atomic.atomic_path(final_path) as tmp:
                 model.save(tmp)
         try:
