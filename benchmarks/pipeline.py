@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
               "jaccard_minus_otsu": metrics.get("jaccard_minus_otsu") or evaluate.jaccard_minus_otsu(rows),
               "segmentation_by_image_quality": by_image_quality(rows, args.data_dir),
               "classification": metrics["classification"],
+              "classification_at_0.5": metrics.get("classification_at_0.5"),
               "paper": report.PAPER, "report": os.path.relpath(work / "report" / "index.html", ROOT)}
     baseline = RESULTS / "classification-v2.json"
     if baseline.is_file():
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "balanced_accuracy"):
         if key in cls:
             print(f"classification {key:22s} {cls[key]['value']:.3f} {cls[key]['ci95']}")
+    for key, value in (result["classification_at_0.5"] or {}).items():
+        if key in ("sensitivity", "specificity", "balanced_accuracy"):
+            print(f"  at p >= 0.5 {key:22s} {value['value']:.3f} {value['ci95']}")
     print(f"results: {RESULTS / f'{name}.json'}; report: {result['report']}")
     return 0
 

@@ -19,8 +19,9 @@ Scoring rules:
 - Classification: every melanoma/nevus image the chain answered. When the segmenter finds no
   lesion the chain never calls the image melanoma, so its score is 0 (counted in `no_lesion`).
   An image is called melanoma when score >= threshold: the classifier's served operating
-  point unless a threshold is given. The ISIC scorer uses >, which differs only for a
-  probability exactly at the threshold.
+  point unless a threshold is given; when that is not 0.5, the metrics at p >= 0.5 (the
+  balanced point of a class-weighted classifier) are reported too. The ISIC scorer uses >,
+  which differs only for a probability exactly at the threshold.
 - Images the chain could not score (unreadable, server error) or whose mask does not fit are
   left out of what they cannot count for and listed in `problems`.
 - 95% CIs: percentile bootstrap over images (classification stratified by class), seeded.
@@ -246,6 +247,10 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
         "segmentation_otsu": segmentation_with_ci(segmented, "otsu_", bootstrap, seed) if segmented else None,
         "jaccard_minus_otsu": jaccard_minus_otsu(segmented, bootstrap, seed) if segmented else None,
         "classification": classification_with_ci(answered, threshold, bootstrap, seed) if answered else None,
+        # A screening threshold trades specificity for sensitivity; p >= 0.5 is the classifier's
+        # balanced point (class-weighted training weighs both classes equally there).
+        "classification_at_0.5": (classification_with_ci(answered, DEFAULT_THRESHOLD, bootstrap, seed)
+                                  if answered and threshold != DEFAULT_THRESHOLD else None),
         "paper": report.PAPER,
         "problems": problems,
     }

@@ -159,7 +159,7 @@ def run(data_dir: Path | None, work_dir: Path, profile: str = "quick", test_data
                 metrics = evaluate.evaluate(
                     test_dir, client, report_dir, image_ids=manifest["splits"]["test"],
                     source=f"test split of {test_dir}, served over gRPC by the embedded server")
-        return {"segmentation": metrics["segmentation"], "classification": metrics["classification"]}
+        return {key: metrics[key] for key in ("threshold", "segmentation", "classification", "classification_at_0.5")}
 
     result = steps.run("evaluate", {}, serve_and_evaluate)
     print(summary(result, report_dir, exports, exported))

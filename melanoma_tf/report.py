@@ -263,6 +263,15 @@ def _roc_image(rows: Sequence[dict], report_dir: Path) -> str:
     return f'<img class="plot" src="data:image/png;base64,{encoded}" alt="ROC curve">'
 
 
+def _at_half(cls: Mapping | None) -> str:
+    """The balanced operating point beside a screening threshold: p >= 0.5."""
+    if not cls or "error" in cls:
+        return ""
+    ci = classification.format_ci
+    return (f'<p class="meta">At p ≥ 0.5: sensitivity {ci(cls["sensitivity"])}, specificity '
+            f'{ci(cls["specificity"])}, balanced accuracy {ci(cls["balanced_accuracy"])}.</p>')
+
+
 def render(metrics: Mapping, rows: Sequence[dict], report_dir: Path) -> str:
     """The report's HTML."""
     threshold = metrics["threshold"]
@@ -306,6 +315,7 @@ def render(metrics: Mapping, rows: Sequence[dict], report_dir: Path) -> str:
             '<div class="grid2"><div>',
             _metric_table(["Metric", "This chain", "Paper"], CLASSIFICATION_ROWS,
                           [lambda k: _with_ci(k, cls.get(k)), _paper(PAPER.keys() - {"segmentation_precision"})]),
+            _at_half(metrics.get("classification_at_0.5")),
             "<h3>Table II: confusion matrix</h3>", _table2(cls["table2"]),
             "</div><div>", _roc_image([r for r in rows if r.get("score") is not None], report_dir), "</div></div>"]
     else:
@@ -361,7 +371,12 @@ def headline(metrics: Mapping) -> list[str]:
     cls = metrics.get("classification") or {}
     if "roc_auc" in cls:
         lines.append(f"classification ({cls['num_images']} images): ROC AUC {ci(cls['roc_auc'])}, "
-                     f"sensitivity {ci(cls['sensitivity'])}, specificity {ci(cls['specificity'])}")
+                     f"sensitivity {ci(cls['sensitivity'])}, specificity {ci(cls['specificity'])}"
+                     + (f" at p ≥ {metrics['threshold']:g}" if "threshold" in metrics else ""))
+    half = metrics.get("classification_at_0.5") or {}
+    if "roc_auc" in half:
+        lines.append(f"  at p ≥ 0.5: sensitivity {ci(half['sensitivity'])}, specificity {ci(half['specificity'])}, "
+                     f"balanced accuracy {ci(half['balanced_accuracy'])}")
     return lines
 
 

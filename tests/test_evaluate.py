@@ -192,6 +192,14 @@ def test_decisions_default_to_the_served_threshold_which_must_be_one(synthetic_d
     scored = [r for r in _rows(tmp_path / "one") if r["score"] is not None]
     assert all(r["predicted"] == (r["score"] >= 0.6) for r in scored)
     assert any(0.5 <= r["score"] < 0.6 for r in scored), "no image tells 0.6 from 0.5"
+    # beside a screening threshold, the balanced point p >= 0.5
+    melanoma = [r["score"] >= 0.5 for r in scored if r["label"] == "melanoma"]
+    nevus = [r["score"] < 0.5 for r in scored if r["label"] == "nevus"]
+    half = metrics["classification_at_0.5"]
+    assert half["sensitivity"]["value"] == pytest.approx(np.mean(melanoma))
+    assert half["balanced_accuracy"]["value"] == pytest.approx((np.mean(melanoma) + np.mean(nevus)) / 2)
+    assert half["sensitivity"]["value"] > metrics["classification"]["sensitivity"]["value"]
+    assert any(line.startswith("  at p ≥ 0.5: ") for line in report.headline(metrics))
     with pytest.raises(ValueError, match=r"different thresholds \[0.6, 0.7\]"):
         evaluate.evaluate(synthetic_dir, ServedThresholds(labels, [0.6, 0.7]), tmp_path / "two", bootstrap=20,
                           progress=False, write_html=False)
