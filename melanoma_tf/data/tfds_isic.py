@@ -27,8 +27,10 @@ TEST_FRACTION, FOLDS, SEED = 0.2, 5, 0
 class IsicLesions(tfds.core.GeneratorBasedBuilder):
     """ISIC dermoscopy images with lesion masks and melanoma / nevus / other labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release: record format 1 of melanoma_tf."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release: record format 1 of melanoma_tf.",
+                     "1.1.0": "Other diagnoses are split apart from melanomas and nevi, which keep the "
+                              "split and fold they get without them."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Download an ISIC challenge data set (2016, 2017, 2018 / HAM10000, or an `isic image
     download` folder) from the ISIC archive after accepting its licence, and place it, unpacked,
