@@ -18,7 +18,6 @@ Results: benchmarks/results/pipeline-<data>-<profile>.json, the report in the wo
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -27,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from melanoma_tf import evaluate, pipeline, report
-from melanoma_tf.evaluation.bootstrap import bootstrap_ci
+
+from sample_quality import by_image_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,27 +42,6 @@ def seed_segmentation(seg_from: Path, seg_dir: Path) -> None:
 
     if lesion_segmentation.copy_latest_checkpoint(seg_from, seg_dir) is None:
         raise FileNotFoundError(f"{seg_from}: no checkpoint, not a Model Garden run folder")
-
-
-def by_image_quality(rows: list[dict], data_dir: Path) -> dict:
-    """Segmentation per image quality of the ISIC sample (`img:<quality>` in labels.csv's source
-    column: `full` or `sq256-unsquashed`): mean Jaccard and the paired difference to Otsu."""
-    labels = data_dir / "labels.csv"
-    if not labels.is_file():
-        return {}
-    with labels.open() as f:
-        quality = {r["image_id"]: m.group(1) for r in csv.DictReader(f)
-                   if (m := re.search(r"img:([^|]+)", r.get("source", "")))}
-    out = {}
-    for name in sorted(set(quality.values())):
-        scored = [r for r in rows if r["jaccard"] is not None and quality.get(r["image_id"]) == name]
-        if scored:
-            jaccard = np.array([r["jaccard"] for r in scored])
-            low, high = bootstrap_ci(np.mean, jaccard)
-            out[name] = {"images": len(scored),
-                         "jaccard": {"value": float(jaccard.mean()), "ci95": [float(low), float(high)]},
-                         "jaccard_minus_otsu": evaluate.jaccard_minus_otsu(scored)}
-    return out
 
 
 def seed_classifier(cls_from: Path, cls_dir: Path) -> None:

@@ -30,6 +30,8 @@ from melanoma_tf.evaluation import baselines
 from melanoma_tf.evaluation import segmentation as seg_metrics
 from melanoma_tf.tasks import lesion_segmentation
 
+from sample_quality import by_image_quality
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROFILES = {"cpu": seg_cfg.CPU_EXPERIMENT, "paper": seg_cfg.PAPER_EXPERIMENT}
@@ -69,15 +71,18 @@ def otsu_baseline(records: Path) -> dict[str, dict]:
     return per_image
 
 
-def paired_with_otsu(records: Path, model_dir: Path) -> dict:
+def paired_with_otsu(records: Path, model_dir: Path, data_dir: Path) -> dict:
     """Otsu's summary and the model's Jaccard minus Otsu's on the same test images (paired
-    bootstrap), the model's per-image metrics taken from its last evaluation."""
+    bootstrap), overall and per image quality of the sample, the model's per-image metrics taken
+    from its last evaluation."""
     otsu = otsu_baseline(records)
     by_source = {r["source_id"]: image_id
                  for image_id, r in json.loads((records / "manifest.json").read_text())["images"].items()}
     model = json.loads((model_dir / lesion_segmentation.EVAL_PER_IMAGE_FILE).read_text())["images"]
-    rows = [{"jaccard": r["jaccard"], "otsu_jaccard": otsu[by_source[r["source_id"]]]["jaccard"]} for r in model]
-    return {"otsu": seg_metrics.summarize(list(otsu.values())), "jaccard_minus_otsu": evaluate.jaccard_minus_otsu(rows)}
+    rows = [{"image_id": by_source[r["source_id"]], "jaccard": r["jaccard"],
+             "otsu_jaccard": otsu[by_source[r["source_id"]]]["jaccard"]} for r in model]
+    return {"otsu": seg_metrics.summarize(list(otsu.values())), "jaccard_minus_otsu": evaluate.jaccard_minus_otsu(rows),
+            "by_image_quality": by_image_quality(rows, data_dir)}
 
 
 def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, overrides: str,
@@ -162,7 +167,7 @@ def main() -> None:
     model_dir = args.model_dir or HERE / ".runs" / name
     result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override,
                  args.train_steps, args.cpu_seconds_per_step)
-    result.update(paired_with_otsu(records, model_dir))
+    result.update(paired_with_otsu(records, model_dir, args.data_dir))
     result["sample_version"] = args.sample_version
     atomic.write_json(RESULTS / f"{name}.json", result, indent=1)
     keys = ("jaccard", "threshold_jaccard", "dice", "detection_rate", "segmentation_precision")
