@@ -16,8 +16,9 @@ continues where it stopped. Profiles:
   the tuned recipe, no cross-validation; about 10 minutes on a 2-core CPU.
 - cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu` ResNet-101 FPN at 256 px for 1446
   steps (48 CPU-minutes of a 2-core machine; 60 gained nothing measurable, benchmarks/README.md)
-  and the ImageNet-pretrained EfficientNet-Lite0 (`melanoma_efficientnet_lite0`), cross-validated in 5 folds so that its
-  served threshold is chosen for 90% sensitivity on out-of-fold predictions.
+  and the ImageNet-pretrained EfficientNet-Lite0 (`melanoma_efficientnet_lite0`), cross-validated
+  in 5 folds so that its served threshold is chosen for 90% sensitivity on out-of-fold
+  predictions.
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.
 """
