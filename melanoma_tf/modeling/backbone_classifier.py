@@ -35,7 +35,7 @@ def backbone(name: str, weights: str, input_size: int) -> keras.Model:
     if variant in efficientnet_lite.VARIANTS:
         model = efficientnet_lite.efficientnet_lite(variant, shape, include_top=False, pooling="avg")
         if weights:
-            efficientnet_lite.load_imagenet_weights(model, None if weights == "imagenet" else weights, variant)
+            efficientnet_lite.load_imagenet_weights(model, None if weights == "imagenet" else weights)
         return model
     application = getattr(keras.applications, name, None)
     if application is None or not name.startswith(SELF_PREPROCESSING):

@@ -138,11 +138,11 @@ def weights_file(variant: str = "lite0") -> Path:
     return Path(getattr(module, f"Efficientnet{variant.title()}ModelFile").get_model_file_path())
 
 
-def load_imagenet_weights(model: keras.Model, path: str | Path | None = None, variant: str = "lite0") -> None:
-    """Sets every layer of an `efficientnet_lite` model from the state dict at path (default:
-    `weights_file(variant)`). Errors name the file and the layer: a missing tensor, a wrong shape,
-    or a tensor no layer took (the file is of a larger variant)."""
-    path = Path(path) if path else weights_file(variant)
+def load_imagenet_weights(model: keras.Model, path: str | Path | None = None) -> None:
+    """Sets every layer of an `efficientnet_lite` model from the state dict at path (default: the
+    ImageNet file of the model's own variant, `weights_file`). Errors name the file and the
+    layer: a missing tensor, a wrong shape, or a tensor no layer took (another variant's file)."""
+    path = Path(path) if path else weights_file(model.name.removeprefix("efficientnet_"))
     state = torch_state_dict.load(path)
     unused = {key.rsplit(".", 1)[0] for key in state}
     if not any(layer.name == "predictions" for layer in model.layers):
