@@ -119,7 +119,7 @@ def out_of_fold(model_dir: Path) -> dict[str, float]:
             for fold in finished_folds(model_dir) for p in fold["predictions"]}
 
 
-def partial_entry(model_dir: Path, num_folds: int, n_boot: int, seed: int) -> dict:
+def partial_entry(model_dir: Path, n_boot: int, seed: int) -> dict:
     """The metrics of a run stopped before its last fold, over the folds it finished: the same
     fields as a whole run's, pooled over fewer images."""
     folds = finished_folds(model_dir)
@@ -128,7 +128,7 @@ def partial_entry(model_dir: Path, num_folds: int, n_boot: int, seed: int) -> di
     labels = np.array([p["label"] for f in folds for p in f["predictions"]])
     last = np.array([p["melanoma_probability_last_epoch"] for f in folds for p in f["predictions"]])
     best = np.array([p["melanoma_probability"] for f in folds for p in f["predictions"]])
-    return {"folds_finished": f"{len(folds)} of {num_folds} ({[f['fold'] for f in folds]})", "images": len(labels),
+    return {"folds_finished": [f["fold"] for f in folds], "images": len(labels),
             "pooled": metrics.metrics_with_ci(labels, best, n=n_boot, seed=seed),
             "mean_sd": metrics.summarize_folds([f["metrics"] for f in folds]),
             "pooled_last_epoch": metrics.metrics_with_ci(labels, last, n=n_boot, seed=seed),
@@ -203,7 +203,7 @@ def print_table(results: dict) -> None:
         test = r.get("test")
         difference = r.get("roc_auc_minus_baseline")
         if "folds_finished" in r:
-            name = f"{name} [{r['folds_finished'].split(' (')[0]} folds, {r['images']} images]"
+            name = f"{name} [{len(r['folds_finished'])} of {results['dataset']['folds']} folds, {r['images']} images]"
         rows.append((name, metrics.format_ci(last["roc_auc"]), metrics.format_ci(difference) if difference else "-",
                      metrics.format_ci(best["roc_auc"]),
                      f"{fold['mean']:.3f}±{fold['sd']:.3f}", *(f"{last[k]['value']:.3f}" for k in (
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["S head on the segmentation ResNet's features"] = entry
         curves["segmentation features"] = (data.labels, seg_score)
     if not args.baseline_only and args.score_finished_folds:
-        variants[name] = {**partial_entry(model_dir, folds, n_boot, seed),
+        variants[name] = {**partial_entry(model_dir, n_boot, seed),
                           "experiment": args.experiment, "config_files": args.config_file,
                           "params_override": override, "training_minutes": training_cost(model_dir),
                           "model_dir": os.path.relpath(model_dir, ROOT),
