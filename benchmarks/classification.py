@@ -315,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     results.update(dataset=dataset, baseline=baseline)
     results.setdefault("variants", {}).update(variants)
     for variant, labels_score in compare_with_baseline(results["variants"], data, base_score, n_boot, seed).items():
-        curves[variant.split()[0].rstrip(":")] = labels_score  # the table names them in full
+        label = variant.split()[0].rstrip(":")  # the table names them in full
+        if "folds_finished" in results["variants"][variant]:
+            label += f", {len(results['variants'][variant]['folds_finished'])} of {folds} folds"
+        curves[label] = labels_score
     baseline["descriptors_only"]["roc_auc_minus_baseline"] = metrics.auc_difference(
         data.labels, desc_score, base_score, n=n_boot, seed=seed)
     if args.segmentation_features:
