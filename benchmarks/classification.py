@@ -128,11 +128,10 @@ def partial_entry(model_dir: Path, n_boot: int, seed: int) -> dict:
     labels = np.array([p["label"] for f in folds for p in f["predictions"]])
     last = np.array([p["melanoma_probability_last_epoch"] for f in folds for p in f["predictions"]])
     best = np.array([p["melanoma_probability"] for f in folds for p in f["predictions"]])
-    return {"folds_finished": [f["fold"] for f in folds], "images": len(labels),
-            "pooled": metrics.metrics_with_ci(labels, best, n=n_boot, seed=seed),
-            "mean_sd": metrics.summarize_folds([f["metrics"] for f in folds]),
-            "pooled_last_epoch": metrics.metrics_with_ci(labels, last, n=n_boot, seed=seed),
-            "mean_sd_last_epoch": metrics.summarize_folds([f["metrics_last_epoch"] for f in folds]),
+    at_last = _entry(labels, last, [f["metrics_last_epoch"] for f in folds], n_boot, seed)
+    return {**_entry(labels, best, [f["metrics"] for f in folds], n_boot, seed),
+            "pooled_last_epoch": at_last["pooled"], "mean_sd_last_epoch": at_last["mean_sd"],
+            "folds_finished": [f["fold"] for f in folds], "images": len(labels),
             "best_epochs": [f["best_epoch"] for f in folds], "test": None}
 
 
