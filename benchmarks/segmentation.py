@@ -79,8 +79,8 @@ def paired_with_otsu(records: Path, model_dir: Path, data_dir: Path) -> dict:
     by_source = {r["source_id"]: image_id
                  for image_id, r in json.loads((records / "manifest.json").read_text())["images"].items()}
     model = json.loads((model_dir / lesion_segmentation.EVAL_PER_IMAGE_FILE).read_text())["images"]
-    rows = [{"image_id": image_id, "jaccard": r["jaccard"], "otsu_jaccard": otsu[image_id]["jaccard"]}
-            for r in model for image_id in [by_source[r["source_id"]]]]
+    ids = [by_source[r["source_id"]] for r in model]
+    rows = [{"image_id": i, "jaccard": r["jaccard"], "otsu_jaccard": otsu[i]["jaccard"]} for i, r in zip(ids, model)]
     return {"otsu": seg_metrics.summarize(list(otsu.values())), "jaccard_minus_otsu": evaluate.jaccard_minus_otsu(rows),
             "by_image_quality": by_image_quality(rows, data_dir)}
 

@@ -13,7 +13,7 @@ matches (training steps also resume from their own checkpoints), so a rerun afte
 continues where it stopped. Profiles:
 
 - quick: ResNet-18 FPN Mask R-CNN at 192 px (300 steps) and the paper's AlexNet trained with
-  the tuned recipe, no cross-validation; about 10 minutes on a 2-core CPU.
+  the tuned recipe, no cross-validation; about 5 minutes on a 2-core CPU.
 - cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu` ResNet-101 FPN at 256 px for 1446
   steps (48 CPU-minutes of a 2-core machine; 60 gained nothing measurable, benchmarks/README.md)
   and the ImageNet-pretrained EfficientNet-Lite0 (`melanoma_efficientnet_lite0`), cross-validated
