@@ -1,6 +1,6 @@
 """Lesion segmentation under a CPU budget, on the real ISIC sample, next to an Otsu baseline.
 
-    python benchmarks/segmentation.py --profile cpu --budget-minutes 60
+    python benchmarks/segmentation.py --profile cpu --budget-minutes 60     # or cpu_cascade, paper
     python benchmarks/segmentation.py --plot     # Jaccard against budget, all results so far
 
 The budget is in minutes of this 2-core machine, metered as the training process's CPU time
@@ -34,7 +34,8 @@ from sample_quality import by_image_quality
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PROFILES = {"cpu": seg_cfg.CPU_EXPERIMENT, "paper": seg_cfg.PAPER_EXPERIMENT}
+PROFILES = {"cpu": seg_cfg.CPU_EXPERIMENT, "cpu_cascade": seg_cfg.CPU_CASCADE_EXPERIMENT,
+            "paper": seg_cfg.PAPER_EXPERIMENT}
 SAMPLE = HERE.parent.parent / "shared/data/isic-sample"
 CORES = os.cpu_count() or 1
 

@@ -14,11 +14,11 @@ continues where it stopped. Profiles:
 
 - quick: ResNet-18 FPN Mask R-CNN at 192 px (300 steps) and the paper's AlexNet trained with
   the tuned recipe, no cross-validation; about 5 minutes on a 2-core CPU.
-- cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu` ResNet-101 FPN at 256 px for 1446
-  steps (48 CPU-minutes of a 2-core machine; 60 gained nothing measurable, benchmarks/README.md)
-  and the ImageNet-pretrained EfficientNet-Lite0 (`melanoma_efficientnet_lite0`), cross-validated
-  in 5 folds so that its served threshold is chosen for 90% sensitivity on out-of-fold
-  predictions.
+- cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu_cascade` ResNet-101 FPN with cascade
+  heads at 256 px for 1563 steps (60 CPU-minutes of a 2-core machine: the segmentation benchmark's
+  60-minute point, benchmarks/README.md) and the ImageNet-pretrained EfficientNet-Lite0
+  (`melanoma_efficientnet_lite0`), cross-validated in 5 folds so that its served threshold is
+  chosen for 90% sensitivity on out-of-fold predictions.
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.
 """
@@ -57,7 +57,8 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(seg_cfg.QUICK_EXPERIMENT, "melanoma_alexnet_tuned", cls_folds=0, cls_epochs=15),
-    "cpu": Profile(seg_cfg.CPU_EXPERIMENT, "melanoma_efficientnet_lite0", cls_folds=5, seg_train_steps=1446),
+    "cpu": Profile(seg_cfg.CPU_CASCADE_EXPERIMENT, "melanoma_efficientnet_lite0", cls_folds=5,
+                   seg_train_steps=1563),
     "paper": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=5),
     # Plumbing check for tests: the tiny test configs, a couple of minutes, learns nothing.
     "smoke": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=0,

@@ -27,7 +27,7 @@ TINY = str(EXPERIMENTS_DIR / "seg_tiny_test.yaml")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", [seg_cfg.PAPER_EXPERIMENT, seg_cfg.CPU_EXPERIMENT])
+@pytest.mark.parametrize("name", [seg_cfg.PAPER_EXPERIMENT, seg_cfg.CPU_EXPERIMENT, seg_cfg.CPU_CASCADE_EXPERIMENT])
 def test_registered_experiments_are_lesion_mask_rcnns(name):
     params = exp_factory.get_exp_config(name)
     params.validate()
@@ -238,3 +238,28 @@ def test_export_never_overwrites_a_version(seg_export, tiny_seg_run):
     with pytest.raises(FileExistsError, match=str(seg_export)):
         export_segmenter.export(tiny_seg_run, seg_export)
     assert sorted(str(p) for p in seg_export.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_cascade_heads_train_export_and_serve(synthetic_records, synthetic_dir, tmp_path):
+    """`lesion_maskrcnn_cpu_cascade`'s Cascade R-CNN heads on the tiny model: the export keeps all
+    three box heads and serves one lesion mask per image, the one its masked image shows."""
+    cpu = exp_factory.get_exp_config(seg_cfg.CPU_CASCADE_EXPERIMENT).task.model
+    cascade = {"task": {"model": {
+        "roi_sampler": {"cascade_iou_thresholds": list(cpu.roi_sampler.cascade_iou_thresholds)},
+        "detection_head": {"class_agnostic_bbox_pred": cpu.detection_head.class_agnostic_bbox_pred,
+                           "cascade_class_ensemble": cpu.detection_head.cascade_class_ensemble}}}}
+    lesion_segmentation.train(synthetic_records, tmp_path / "run", seg_cfg.PAPER_EXPERIMENT, [TINY], cascade,
+                              mode="train", train_steps=2)
+    export = export_segmenter.export(tmp_path / "run", tmp_path / "exports" / "lesion_segmenter" / "1")
+    saved = [name for name, _ in tf.train.list_variables(str(export / "variables" / "variables"))]
+    heads = {name.split("/")[2] for name in saved if name.startswith("model/detection_head/")}
+    assert heads == {"0", "1", "2"}, heads
+    model = tf.saved_model.load(str(export))
+    path = sorted((synthetic_dir / "images").glob("*.jpg"))[0]
+    out = model.signatures["serving_default"](image_bytes=tf.constant([path.read_bytes()]))
+    mask = out["lesion_mask"].numpy()[0]
+    assert set(np.unique(mask)) <= {0, 1} and out["status"].numpy()[0] == (0 if mask.any() else 1)
+    image = tf.io.decode_image(path.read_bytes(), channels=3)
+    np.testing.assert_array_equal(out["masked_image"].numpy()[0],
+                                  masking.mask_lesion(image, tf.constant(mask)).numpy())
