@@ -44,17 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def detections(model_dir: Path, records: Path):
-    """Yields (ground-truth mask, boxes in image pixels, scores, 28x28 masks) per test image."""
+def detections(model_dir: Path, records: Path, count: int):
+    """Yields (ground-truth mask, boxes in image pixels, scores, 28x28 masks) for each of the
+    `count` masked test images."""
     params = export_segmenter.read_params(model_dir)
-    count = json.loads((records / "manifest.json").read_text())["counts"]["test"]["with_mask"]
     params.override({"task": {"use_coco_metrics": False, "validation_data": {
         "input_path": tfrecords.split_pattern(records, "test", with_nomask=False)}}}, is_strict=True)
     task = task_factory.get_task(params.task)
     model = task.build_model()
     tf.train.Checkpoint(model=model).read(tf.train.latest_checkpoint(str(model_dir))).expect_partial()
     task.build_metrics(training=False)  # the validation step updates Model Garden's metrics
-    step = tf.function(lambda inputs: task.validation_step(inputs, model)[lesion_segmentation._LESION_LOGS])
+    step = tf.function(lambda inputs: task.validation_step(inputs, model)[lesion_segmentation.LESION_LOGS])
     for inputs in task.build_inputs(params.task.validation_data):
         out = {k: v.numpy() for k, v in step(inputs).items()}
         for i in range(min(len(out["mask_png"]), count)):
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     per_rule: dict[str, list[dict]] = {}
     count = json.loads((args.records / "manifest.json").read_text())["counts"]["test"]["with_mask"]
-    for truth, boxes, scores, masks in tqdm(detections(args.model_dir, args.records), "test images", count):
+    for truth, boxes, scores, masks in tqdm(detections(args.model_dir, args.records, count), "test images", count):
         for rule, mask in candidate_masks(truth, boxes, scores, masks).items():
             per_rule.setdefault(rule, []).append(seg_metrics.image_metrics(mask, truth))
     shipped = np.array([m["jaccard"] for m in per_rule["top score"]])

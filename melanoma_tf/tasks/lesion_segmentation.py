@@ -30,7 +30,7 @@ from melanoma_tf.configs import segmentation as seg_cfg
 from melanoma_tf.dataloaders import maskrcnn_input
 from melanoma_tf.evaluation import segmentation as seg_metrics
 
-_LESION_LOGS = "lesion_eval"
+LESION_LOGS = "lesion_eval"  # validation_step output: what per-image lesion metrics need
 EVAL_METRICS_FILE = "eval_metrics.json"
 EVAL_PER_IMAGE_FILE = "eval_per_image.json"  # lesion metrics by record source_id, for paired comparisons
 
@@ -67,7 +67,7 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
                         image_shape=labels["image_info"][:, 1, :], training=False)
         logs = {self.loss: 0}
         self._update_metrics(labels, outputs, logs)
-        logs[_LESION_LOGS] = {
+        logs[LESION_LOGS] = {
             "source_id": labels["groundtruths"]["source_id"],
             "mask_png": labels["groundtruths"]["lesion_mask_png"],
             "image_info": labels["image_info"],
@@ -81,7 +81,7 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
     def aggregate_logs(self, state=None, step_outputs=None):
         if not state:
             self._lesion_per_image = []
-        lesion = {k: _local_numpy(v) for k, v in step_outputs.pop(_LESION_LOGS).items()}
+        lesion = {k: _local_numpy(v) for k, v in step_outputs.pop(LESION_LOGS).items()}
         for i in range(len(lesion["mask_png"])):
             truth = cv2.imdecode(np.frombuffer(lesion["mask_png"][i], np.uint8), cv2.IMREAD_GRAYSCALE)
             n = int(lesion["num_detections"][i])
