@@ -31,7 +31,6 @@ import cv2
 import numpy as np
 import tensorflow as tf
 from official.core import task_factory
-from official.vision.ops import mask_ops
 from tqdm import tqdm
 
 from melanoma_tf import atomic, tfrecords
@@ -67,12 +66,6 @@ def detections(model_dir: Path, records: Path, count: int):
             return
 
 
-def pasted(boxes: np.ndarray, masks: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Every detection's mask at full resolution, [N, H, W] 0/1."""
-    xywh = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1)
-    return mask_ops.paste_instance_masks(masks, xywh, height, width)
-
-
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
@@ -92,7 +85,7 @@ def candidate_masks(truth: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
     if len(scores) == 0:
         return dict.fromkeys(("top score", "union >= 0.5", "vote", "enclosing >= 0.5", "oracle"),
                              np.zeros_like(truth))
-    every = pasted(boxes, masks, *truth.shape)
+    every = seg_metrics.paste_masks(boxes, masks, *truth.shape)
     top = int(np.argmax(scores))
     near = [i for i in range(len(scores)) if _iou(every[i], every[top]) > 0.3]
     votes = sum(scores[i] * every[i] for i in near) / sum(scores[i] for i in near)

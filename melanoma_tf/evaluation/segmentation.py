@@ -31,11 +31,16 @@ def final_lesion_mask(boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray,
     if len(scores) == 0:
         return np.zeros((height, width), np.uint8), np.zeros(4, np.float32), 0.0
     best = int(np.argmax(scores))
-    ymin, xmin, ymax, xmax = boxes[best]
-    # Model Garden's paste wants [x, y, width, height].
-    pasted = mask_ops.paste_instance_masks(masks[best:best + 1], np.array([[xmin, ymin, xmax - xmin, ymax - ymin]]),
-                                           height, width)[0]
+    pasted = paste_masks(boxes[best:best + 1], masks[best:best + 1], height, width)[0]
     return pasted.astype(np.uint8), boxes[best].astype(np.float32), float(scores[best])
+
+
+def paste_masks(boxes: np.ndarray, masks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Per-box masks pasted at full resolution, [N, H, W] 0/1; `boxes` [N, 4] as
+    [ymin, xmin, ymax, xmax] in image pixels."""
+    # Model Garden's paste wants [x, y, width, height].
+    xywh = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1)
+    return mask_ops.paste_instance_masks(masks, xywh, height, width)
 
 
 def image_metrics(pred: np.ndarray, truth: np.ndarray, jaccard_threshold: float = 0.65) -> dict[str, float]:
