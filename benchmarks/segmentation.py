@@ -1,6 +1,8 @@
 """Lesion segmentation under a CPU budget, on the real ISIC sample, next to an Otsu baseline.
 
     python benchmarks/segmentation.py --profile cpu --budget-minutes 60     # or cpu_cascade, paper
+    python benchmarks/segmentation.py --profile cpu_cascade --data-dir ../shared/data/isic-sample \
+        --data-dir ../shared/data/ham10000-sample --records benchmarks/.cache/isic-ham --name-suffix ham
     python benchmarks/segmentation.py --plot     # Jaccard against budget, all results so far
 
 The budget is in minutes of this 2-core machine, metered as the training process's CPU time
@@ -10,7 +12,9 @@ a learning-rate schedule that ends exactly there. Evaluation (Model Garden's eva
 full-resolution lesion metrics) runs on the test split after training, outside the budget.
 Results go to benchmarks/results/segmentation-<profile>-<N>min-<sample version>.json (sample v1's
 carry no suffix), with Otsu on the same test images and the model's Jaccard minus Otsu's, paired
-per image.
+per image; the per-image rows are kept (`per_image`) so that another run on the same test images
+can be paired with this one (`--pair-with RESULT.json`). Further --data-dir folders (HAM10000)
+only add training masks: the test split stays the first folder's.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ SAMPLE = HERE.parent.parent / "shared/data/isic-sample"
 CORES = os.cpu_count() or 1
 
 
-def ensure_records(data_dir: Path, records: Path) -> Path:
+def ensure_records(data_dir: Path | list[Path], records: Path) -> Path:
     if not (records / "manifest.json").is_file():
         build_tfrecords.build(data_dir, records, num_workers=CORES)
     return records
@@ -83,7 +87,19 @@ def paired_with_otsu(records: Path, model_dir: Path, data_dir: Path) -> dict:
     ids = [by_source[r["source_id"]] for r in model]
     rows = [{"image_id": i, "jaccard": r["jaccard"], "otsu_jaccard": otsu[i]["jaccard"]} for i, r in zip(ids, model)]
     return {"otsu": seg_metrics.summarize(list(otsu.values())), "jaccard_minus_otsu": evaluate.jaccard_minus_otsu(rows),
-            "by_image_quality": by_image_quality(rows, data_dir)}
+            "by_image_quality": by_image_quality(rows, data_dir), "per_image": rows}
+
+
+def paired_with_run(result: dict, other: dict, data_dir: Path) -> dict:
+    """This run's Jaccard minus another run's on the test images both scored (paired bootstrap),
+    overall and per image quality: `jaccard_minus_otsu`'s arithmetic with the other run as baseline."""
+    theirs = {r["image_id"]: r["jaccard"] for r in other["per_image"]}
+    rows = [{"image_id": r["image_id"], "jaccard": r["jaccard"], "otsu_jaccard": theirs[r["image_id"]]}
+            for r in result["per_image"] if r["image_id"] in theirs]
+    rename = {"jaccard_minus_otsu": "jaccard_minus_other"}
+    quality = {name: {rename.get(k, k): v for k, v in q.items()}
+               for name, q in by_image_quality(rows, data_dir).items()}
+    return {"jaccard_minus_other": evaluate.jaccard_minus_otsu(rows), "by_image_quality": quality}
 
 
 def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, overrides: str,
@@ -149,7 +165,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--budget-minutes", type=float, default=60)
-    p.add_argument("--data-dir", type=Path, default=SAMPLE)
+    p.add_argument("--data-dir", type=Path, action="append", default=None,
+                   help=f"ISIC download (default {SAMPLE}); repeat to add training masks (HAM10000)")
+    p.add_argument("--name-suffix", default="", help="appended to the result's name, e.g. 'ham'")
+    p.add_argument("--pair-with", type=Path, default=None,
+                   help="a result JSON (with per_image rows) of another run on the same test images")
     p.add_argument("--records", type=Path, default=HERE / ".cache" / "isic-sample")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--params-override", default="")
@@ -163,13 +183,19 @@ def main() -> None:
     if args.plot:
         print(plot())
         return
-    records = ensure_records(args.data_dir, args.records)
+    data_dirs = args.data_dir or [SAMPLE]
+    records = ensure_records(data_dirs, args.records)
     name = f"segmentation-{args.profile}-{args.budget_minutes:g}min-{args.sample_version}"
+    name += f"-{args.name_suffix}" if args.name_suffix else ""
     model_dir = args.model_dir or HERE / ".runs" / name
     result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override,
                  args.train_steps, args.cpu_seconds_per_step)
-    result.update(paired_with_otsu(records, model_dir, args.data_dir))
+    result.update(paired_with_otsu(records, model_dir, data_dirs[0]))
     result["sample_version"] = args.sample_version
+    result["data_dirs"] = [os.path.relpath(d, HERE.parent) for d in data_dirs]
+    if args.pair_with:
+        result[f"minus_{args.pair_with.stem}"] = paired_with_run(result, json.loads(args.pair_with.read_text()),
+                                                                 data_dirs[0])
     atomic.write_json(RESULTS / f"{name}.json", result, indent=1)
     keys = ("jaccard", "threshold_jaccard", "dice", "detection_rate", "segmentation_precision")
     print(f"{'':10s}" + "".join(f"{k:>20s}" for k in keys))

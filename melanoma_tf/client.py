@@ -17,8 +17,10 @@ Decisions:
 * Segmenter status 1 (no lesion): no classification; the result has status
   "no_lesion", `melanoma_probability` NaN and `is_melanoma` None.
 * Segmenter status 2 (undecodable/empty image): `predict` raises `ImageDecodeError`;
-  `predict_many` yields a result with status "error" and the message in `error`
-  instead of stopping the stream.  So does any other per-image failure.
+  status 3 (a valid image over `contract.MAX_IMAGE_PIXELS`, refused before decoding):
+  `ImageTooLargeError`, naming its pixel count and the limit. `predict_many` yields a
+  result with status "error" and the message in `error` instead of stopping the stream.
+  So does any other per-image failure.
 * Servers: one address, a DNS name that resolves to several (a Kubernetes headless
   Service), or a list of addresses; requests spread over them with gRPC's `round_robin`
   load balancing (`channel_target`).
@@ -56,10 +58,12 @@ from melanoma_tf.contract import (
     BYTES_SIGNATURE,
     CLASSIFIER,
     MASKED_IMAGE,
+    MAX_IMAGE_PIXELS,
     SEGMENTER,
     STATUS_BAD_IMAGE,
     STATUS_NO_LESION,
     STATUS_OK,
+    STATUS_TOO_LARGE,
 )
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
@@ -83,6 +87,10 @@ class PredictionError(Exception):
 
 class ImageDecodeError(PredictionError):
     """The segmenter could not decode the image (status 2)."""
+
+
+class ImageTooLargeError(PredictionError):
+    """A valid image with more pixels than the segmenter takes (status 3); not decoded."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -260,6 +268,10 @@ class MelanomaClient:
         if status == STATUS_BAD_IMAGE:
             raise ImageDecodeError("the segmenter could not decode the image (status 2)", image_id)
         height, width = (int(v) for v in tf.make_ndarray(outputs["image_size"])[0])
+        if status == STATUS_TOO_LARGE:
+            raise ImageTooLargeError(f"the image is too large: {width}x{height} = {width * height:,} pixels, over "
+                                     f"the segmenter's limit of {MAX_IMAGE_PIXELS:,} (status 3); downscale it",
+                                     image_id)
         mask = tf.make_ndarray(outputs["lesion_mask"])[0, :height, :width]
         box = tuple(float(v) for v in tf.make_ndarray(outputs["lesion_box"])[0])
         score = float(tf.make_ndarray(outputs["lesion_score"])[0])

@@ -17,7 +17,10 @@ CLASS_NAMES = ("nevus", "melanoma")  # the classifier's `probabilities` columns
 # Side of the masked lesion the segmenter hands the classifier: the served classifier's input,
 # whatever size the classifier computes at.
 CLASSIFIER_INPUT_SIZE = 227
-# Segmenter `status`: a lesion was found; none was (not classified); the image did not decode.
-STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE = 0, 1, 2
+# Segmenter `status`: a lesion was found; none was (not classified); the image did not decode;
+# the image is larger than MAX_IMAGE_PIXELS (not decoded; `image_size` gives its header's size).
+STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE, STATUS_TOO_LARGE = 0, 1, 2, 3
+# Dermoscopy originals reach about 40 megapixels; 100 MP as RGB is 300 MB before the model runs.
+MAX_IMAGE_PIXELS = 100_000_000
 # TF Serving replays these Predict requests when it loads a version (--enable_model_warmup).
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"

@@ -34,10 +34,11 @@ import contextlib
 import csv
 import datetime
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -195,25 +196,26 @@ def _finite(obj):
     return obj
 
 
-def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path, *,
+def evaluate(data_dir: str | Path | Sequence[str | Path], predictor: Predictor, output_dir: str | Path, *,
              threshold: float | None = None, concurrency: int = 4, limit: int | None = None,
              image_ids: Iterable[str] | None = None, bootstrap: int = 1000, seed: int = 0,
              progress: bool = True, source: str = "", write_html: bool = True) -> dict:
-    """Runs the chain on every melanoma/nevus image of `data_dir`, scores it and writes
+    """Runs the chain on every melanoma/nevus image of `data_dir` (one folder or several), scores it and writes
     metrics.json, predictions.csv, masks/ and (with `write_html`) index.html into `output_dir`.
 
     `predictor` is a `MelanomaClient` (or anything with its `predict_many`); `source` says in
     the report where the predictions came from; `image_ids` keeps only those images (e.g. the
     test split of a TFRecord manifest). Returns the metrics as written.
     """
-    data_dir, output_dir = Path(data_dir), Path(output_dir)
-    items, read_problems = isic.read_dataset(data_dir)
+    data_dirs = [Path(data_dir)] if isinstance(data_dir, (str, os.PathLike)) else [Path(d) for d in data_dir]
+    output_dir = Path(output_dir)
+    items, _, read_problems = isic.read_downloads(data_dirs)
     if image_ids is not None:
         keep = set(image_ids)
         items = [item for item in items if item.image_id in keep]
     items = items[:limit] if limit is not None else items
     if not items:
-        raise ValueError(f"{data_dir}: no melanoma or nevus image to evaluate")
+        raise ValueError(f"{', '.join(map(str, data_dirs))}: no melanoma or nevus image to evaluate")
     by_id = {item.image_id: item for item in items}
     output_dir.mkdir(parents=True, exist_ok=True)
     problems = [{"image_id": p.image_id, "path": p.path, "reason": p.reason} for p in read_problems]
@@ -232,7 +234,7 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
     if threshold is None:
         threshold = _served_threshold(served)
     metrics = {
-        "data_dir": str(data_dir.resolve()),
+        "data_dir": ", ".join(str(d.resolve()) for d in data_dirs),
         "source": source,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "model_versions": versions,
@@ -251,6 +253,9 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
         # balanced point (class-weighted training weighs both classes equally there).
         "classification_at_0.5": (classification_with_ci(answered, DEFAULT_THRESHOLD, bootstrap, seed)
                                   if answered and threshold != DEFAULT_THRESHOLD else None),
+        # Is the served melanoma probability a probability? (Brier score, reliability table)
+        "calibration": classification.calibration([r["melanoma"] for r in answered], [r["score"] for r in answered])
+        if answered and len({r["melanoma"] for r in answered}) == 2 else None,
         "paper": report.PAPER,
         "problems": problems,
     }
@@ -265,7 +270,8 @@ def evaluate(data_dir: str | Path, predictor: Predictor, output_dir: str | Path,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m melanoma_tf.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, type=Path, help="labelled ISIC folder (any layout)")
+    p.add_argument("--data-dir", required=True, type=Path, action="append",
+                   help="labelled ISIC folder (any layout); repeatable")
     p.add_argument("--output-dir", required=True, type=Path, help="report folder")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", help="gRPC target HOST:PORT of TF Serving or the embedded server")

@@ -2,6 +2,8 @@
 
     python -m melanoma_tf.export --stage seg --model-dir runs/seg --export-dir exports/lesion_segmenter/1
     python -m melanoma_tf.export --stage cls --model-dir runs/cls --export-dir exports/melanoma_classifier/1
+    python -m melanoma_tf.export --stage cls --model-dir runs/cls --export-dir exports/melanoma_classifier \
+        --next-version
 
 The experiment config is read back from the model dir (`params.yaml`), so the exported graph is
 the trained one. Warm-up requests for TF Serving go to `assets.extra/tf_serving_warmup_requests`.
@@ -18,13 +20,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("seg", "cls"), required=True)
     p.add_argument("--model-dir", type=Path, required=True, help="the training run's folder")
-    p.add_argument("--export-dir", type=Path, required=True, help=".../<model name>/<version>")
+    p.add_argument("--export-dir", type=Path, required=True,
+                   help=".../<model name>/<version>, or .../<model name> with --next-version")
+    p.add_argument("--next-version", action="store_true",
+                   help="export into the version after every one in --export-dir (e.g. from a cluster Job)")
     p.add_argument("--checkpoint", default=None, help="default: the latest in --model-dir")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.next_version:
+        from melanoma_tf.serving import versions
+
+        args.export_dir = Path(versions.next_version(str(args.export_dir)))
     if not args.export_dir.name.isdigit():
         print(f"error: {args.export_dir}: TF Serving needs a numeric version folder, "
               "e.g. exports/lesion_segmenter/1", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The main job: from images to a trained, exported, served and evaluated two-stage model.
 
-    python -m melanoma_tf.pipeline [--data-dir D [--test-data-dir T]] [--work-dir W] [--profile quick|cpu|paper]
+    python -m melanoma_tf.pipeline [--data-dir D [--data-dir D2 ...] [--test-data-dir T]] [--work-dir W]
+        [--profile quick|cpu|paper]
 
 Without --data-dir it runs on the embedded default, a synthetic dermoscopy dataset generated
 into the work dir. Steps: build TFRecords -> train segmentation -> train classifier (with
@@ -33,7 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from melanoma_tf import atomic, contract
 from melanoma_tf.configs import EXPERIMENTS_DIR
@@ -91,9 +92,11 @@ class Steps:
         return result
 
 
-def run(data_dir: Path | None, work_dir: Path, profile: str = "quick", test_data_dir: Path | None = None) -> dict:
-    """Runs (or resumes) every step; returns the served chain's test-split metrics. With
-    test_data_dir every image of data_dir trains and that separate labelled folder is the test
+def run(data_dir: Path | Sequence[Path] | None, work_dir: Path, profile: str = "quick",
+        test_data_dir: Path | None = None) -> dict:
+    """Runs (or resumes) every step; returns the served chain's test-split metrics. data_dir: one
+    download folder or several (e.g. ISIC 2017 and HAM10000; `build_tfrecords` says how they split).
+    With test_data_dir every image of data_dir trains and that separate labelled folder is the test
     split (e.g. ISIC-2017_Test_v2 beside its ground-truth CSV)."""
     from melanoma_tf import build_tfrecords
     from melanoma_tf.data import synthetic
@@ -105,13 +108,16 @@ def run(data_dir: Path | None, work_dir: Path, profile: str = "quick", test_data
     seg_dir, cls_dir, report_dir = work_dir / "runs" / "seg", work_dir / "runs" / "cls", work_dir / "report"
 
     if data_dir is None:
-        data_dir = Path(steps.run("data", {"synthetic": SYNTHETIC_IMAGES, "seed": 0}, lambda: str(
-            synthetic.generate_dataset(work_dir / "synthetic", num_images=SYNTHETIC_IMAGES, seed=0))))
+        data_dirs = [Path(steps.run("data", {"synthetic": SYNTHETIC_IMAGES, "seed": 0}, lambda: str(
+            synthetic.generate_dataset(work_dir / "synthetic", num_images=SYNTHETIC_IMAGES, seed=0))))]
     else:
-        steps.run("data", {"data_dir": str(Path(data_dir).resolve())}, lambda: str(data_dir))
+        data_dirs = [Path(data_dir)] if isinstance(data_dir, (str, os.PathLike)) else [Path(d) for d in data_dir]
+        resolved = [str(d.resolve()) for d in data_dirs]
+        # One folder keeps the key earlier runs recorded, so their steps stay up to date.
+        steps.run("data", {"data_dir": resolved[0] if len(resolved) == 1 else resolved}, lambda: resolved)
 
     def build_records():
-        manifest = build_tfrecords.build(data_dir, records, num_workers=os.cpu_count() or 1,
+        manifest = build_tfrecords.build(data_dirs, records, num_workers=os.cpu_count() or 1,
                                          test_data_dir=test_data_dir)
         build_tfrecords.print_summary(manifest, records)
         return manifest["counts"]
@@ -157,11 +163,12 @@ def run(data_dir: Path | None, work_dir: Path, profile: str = "quick", test_data
         with start_server(models, port=0) as server:
             print(f"[serve] embedded TF Serving API on {server.target}")
             with MelanomaClient(server.target) as client:
-                test_dir = test_data_dir or data_dir
+                test_dirs = [test_data_dir] if test_data_dir else data_dirs
                 metrics = evaluate.evaluate(
-                    test_dir, client, report_dir, image_ids=manifest["splits"]["test"],
-                    source=f"test split of {test_dir}, served over gRPC by the embedded server")
-        return {key: metrics[key] for key in ("threshold", "segmentation", "classification", "classification_at_0.5")}
+                    test_dirs, client, report_dir, image_ids=manifest["splits"]["test"],
+                    source=f"test split of {', '.join(map(str, test_dirs))}, served over gRPC by the embedded server")
+        return {key: metrics[key] for key in ("threshold", "segmentation", "classification", "classification_at_0.5",
+                                              "calibration")}
 
     result = steps.run("evaluate", {}, serve_and_evaluate)
     print(summary(result, report_dir, exports, exported))
@@ -183,7 +190,9 @@ def summary(result: dict, report_dir: Path, exports: Path, exported: dict[str, s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=None, help="ISIC download (default: synthetic data)")
+    p.add_argument("--data-dir", type=Path, action="append", default=None,
+                   help="ISIC download (default: synthetic data); repeat to add folders, e.g. HAM10000 "
+                        "beside ISIC 2017 (the first folder's images form the stratified test split)")
     p.add_argument("--work-dir", type=Path, default=Path("work"))
     p.add_argument("--test-data-dir", type=Path, default=None,
                    help="a separate labelled ISIC folder to test on; then every image of --data-dir trains")

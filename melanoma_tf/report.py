@@ -253,14 +253,20 @@ def _gallery(title: str, explanation: str, groups: Mapping[str, list[dict]], rep
     return "".join(parts)
 
 
-def _roc_image(rows: Sequence[dict], report_dir: Path) -> str:
-    """ROC PNG written beside the report (also kept as a file) and embedded."""
+def _embedded(path: Path, alt: str) -> str:
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img class="plot" src="data:image/png;base64,{encoded}" alt="{alt}">'
+
+
+def _plots(rows: Sequence[dict], report_dir: Path) -> str:
+    """ROC and reliability PNGs written beside the report (also kept as files) and embedded."""
     y = np.array([r["melanoma"] for r in rows])
     score = np.array([r["score"] for r in rows])
-    path = classification.plot_roc({"whole chain": (y, score)}, report_dir / "roc.png",
-                                   "ROC: melanoma vs nevus, predicted masks")
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img class="plot" src="data:image/png;base64,{encoded}" alt="ROC curve">'
+    roc = classification.plot_roc({"whole chain": (y, score)}, report_dir / "roc.png",
+                                  "ROC: melanoma vs nevus, predicted masks")
+    reliability = classification.plot_reliability(y, score, report_dir / "reliability.png",
+                                                  "Calibration of the served probability")
+    return _embedded(roc, "ROC curve") + _embedded(reliability, "reliability diagram")
 
 
 def _at_half(cls: Mapping | None) -> str:
@@ -270,6 +276,14 @@ def _at_half(cls: Mapping | None) -> str:
     ci = classification.format_ci
     return (f'<p class="meta">At p ≥ 0.5: sensitivity {ci(cls["sensitivity"])}, specificity '
             f'{ci(cls["specificity"])}, balanced accuracy {ci(cls["balanced_accuracy"])}.</p>')
+
+
+def _calibration(calibration: Mapping | None) -> str:
+    if not calibration:
+        return ""
+    return (f'<p class="meta">Calibration: Brier score {calibration["brier_score"]:.3f} (0 is perfect; always '
+            "answering the melanoma rate scores that rate times one minus it); the reliability diagram shows "
+            "how often images given a probability turned out melanoma.</p>")
 
 
 def render(metrics: Mapping, rows: Sequence[dict], report_dir: Path) -> str:
@@ -315,9 +329,9 @@ def render(metrics: Mapping, rows: Sequence[dict], report_dir: Path) -> str:
             '<div class="grid2"><div>',
             _metric_table(["Metric", "This chain", "Paper"], CLASSIFICATION_ROWS,
                           [lambda k: _with_ci(k, cls.get(k)), _paper(PAPER.keys() - {"segmentation_precision"})]),
-            _at_half(metrics.get("classification_at_0.5")),
+            _at_half(metrics.get("classification_at_0.5")), _calibration(metrics.get("calibration")),
             "<h3>Table II: confusion matrix</h3>", _table2(cls["table2"]),
-            "</div><div>", _roc_image([r for r in rows if r.get("score") is not None], report_dir), "</div></div>"]
+            "</div><div>", _plots([r for r in rows if r.get("score") is not None], report_dir), "</div></div>"]
     else:
         reason = (cls or {}).get("error", "no image was classified")
         parts.append(f'<p class="note">No classification metrics: {html.escape(reason)}.</p>')
@@ -377,6 +391,8 @@ def headline(metrics: Mapping) -> list[str]:
     if "roc_auc" in half:
         lines.append(f"  at p ≥ 0.5: sensitivity {ci(half['sensitivity'])}, specificity {ci(half['specificity'])}, "
                      f"balanced accuracy {ci(half['balanced_accuracy'])}")
+    if calibration := metrics.get("calibration"):
+        lines.append(f"  calibration: Brier score {calibration['brier_score']:.3f}")
     return lines
 
 

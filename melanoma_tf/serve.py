@@ -1,7 +1,9 @@
 """Run the embedded TF Serving-compatible server: `python -m melanoma_tf.serve`.
 
 The same models.config as the Docker deployment works locally by mapping the
-container base paths: `--model-base-path-map /models=exports`.
+container base paths: `--model-base-path-map /models=exports`. gRPC answers on --port
+(8500), TF Serving's REST API on --rest-api-port (8501), Prometheus metrics there with
+`--monitoring-config-file serving/monitoring.config`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", required=True,
                         help="text ModelServerConfig (e.g. serving/models.config)")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = pick a free one)")
+    parser.add_argument("--rest-api-port", type=int, default=8501,
+                        help="TF Serving's REST API port (0 = no REST API, as in TF Serving)")
+    parser.add_argument("--monitoring-config-file", default=None,
+                        help="monitoring.config (TF Serving's MonitoringConfig); with prometheus_config "
+                             "enabled, metrics are served at its path on the REST port")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default loopback only)")
     parser.add_argument("--batching-parameters", default=None,
@@ -65,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.poll_seconds, model_config_poll_seconds=args.model_config_poll_seconds,
         enable_warmup=not args.no_warmup,
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
-        max_message_bytes=args.max_message_mb * 1024 * 1024)
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        rest_port=args.rest_api_port or None, monitoring_config=args.monitoring_config_file)
     print(f"Serving TF Serving gRPC API on {handle.target}", flush=True)
+    if handle.rest_port is not None:
+        print(f"Serving TF Serving REST API on http://{handle.host}:{handle.rest_port}", flush=True)
     for model in handle.registry.describe():
         versions = ", ".join(f"{v} {state}" for v, state in model["versions"].items()) or "none yet"
         labels = ", ".join(f"{k}={v}" for k, v in sorted(model["labels"].items()))

@@ -14,6 +14,7 @@ classifier and for splits:
     image/lesion/fold         0..K-1 in the train split, -1 in the test split
     image/lesion/has_mask     1 when a mask is stored          image/lesion/mask_source
     image/lesion/source       which part of the download it came from
+    image/lesion/download     which download folder it came from (builds of several folders)
 
 Masks are stored as 0/1, not ISIC's 0/255: Model Garden's decoder uses the PNG values as the
 mask training target. Images without a mask go to `<split>_nomask-*` shards, which only the
@@ -23,8 +24,9 @@ classifier reads (`<split>*.tfrecord`), never to the `<split>-*` shards Mask R-C
 from __future__ import annotations
 
 import collections
+import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -51,7 +53,7 @@ def _floats(values: Iterable[float]) -> tf.train.Feature:
 def make_example(*, image_id: str, source_id: int, encoded: bytes, image_format: str,
                  height: int, width: int, label: str, source: str, fold: int,
                  mask_png: bytes | None = None, box: tuple[int, int, int, int] | None = None,
-                 area: int = 0, mask_source: str = "ground_truth") -> tf.train.Example:
+                 area: int = 0, mask_source: str = "ground_truth", download: str = "") -> tf.train.Example:
     """Builds one record. `box` is (ymin, xmin, ymax, xmax) in pixels, max exclusive."""
     f = {
         "image/encoded": _bytes([encoded]),
@@ -64,6 +66,7 @@ def make_example(*, image_id: str, source_id: int, encoded: bytes, image_format:
         "image/lesion/label_text": _bytes([label.encode()]),
         "image/lesion/fold": _ints([fold]),
         "image/lesion/source": _bytes([source.encode()]),
+        "image/lesion/download": _bytes([download.encode()]),
         "image/lesion/has_mask": _ints([int(mask_png is not None)]),
         "image/lesion/mask_source": _bytes([(mask_source if mask_png is not None else "none").encode()]),
     }
@@ -171,7 +174,7 @@ class ShardedWriter:
         return self.paths
 
 
-def _stratified_splits(k: int, seed: int, strata: np.ndarray, groups: np.ndarray, what: str) -> Iterator[np.ndarray]:
+def _stratified_splits(k: int, seed: int, strata: np.ndarray, groups: np.ndarray, what: str) -> list[np.ndarray]:
     """Held-out indices of each of k stratified group folds; scikit-learn's own error for too few
     images becomes one that says how many each class has and what to change."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -183,7 +186,11 @@ def _stratified_splits(k: int, seed: int, strata: np.ndarray, groups: np.ndarray
         raise ValueError(f"too few images for {what}: some class needs at least {k} images, there are "
                          f"{have or 'none'}; use fewer folds, another or no test fraction, or more images")
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return (held for _, held in splitter.split(np.zeros(len(strata)), strata, groups))
+    with warnings.catch_warnings():
+        # "The least populated class in y has only N members": a class rarer than k (e.g. the few
+        # melanomas without a mask) is spread over fewer folds, which is what we want; not news.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return [held for _, held in splitter.split(np.zeros(len(strata)), strata, groups)]
 
 
 def assign_splits(labels: list[str], has_mask: list[bool], groups: list[str],
@@ -202,7 +209,7 @@ def assign_splits(labels: list[str], has_mask: list[bool], groups: list[str],
         k = max(2, round(1 / test_fraction))
         splits = _stratified_splits(k, seed, strata, groups_arr,
                                     f"a test fraction of {test_fraction:g} ({k}-way split; --test-fraction)")
-        is_test[next(splits)] = True
+        is_test[splits[0]] = True
     fold = np.full(n, -1)
     train_idx = np.flatnonzero(~is_test)
     if folds > 1:
@@ -219,12 +226,17 @@ SPLIT_RULES = ("auto", "official", "stratified")
 
 
 def split_items(items: Sequence[isic.LesionItem], rule: str, test_fraction: float, folds: int, seed: int,
-                from_test_dir: Sequence[bool] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+                from_test_dir: Sequence[bool] | None = None, downloads: Sequence[int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, str]:
     """(is_test, fold, the rule applied) of reader items. Rules: 'official' holds out the
     challenge's labelled official test set (validation images join the training folds),
-    'stratified' a stratified `test_fraction` of everything (`assign_splits`), 'auto' is
+    'stratified' a stratified `test_fraction` of the first download (`assign_splits`), 'auto' is
     'official' when there is such a test set. Images from a separate test folder
-    (`from_test_dir`) are the test split whatever the rule ('test_data_dir')."""
+    (`from_test_dir`) are the test split whatever the rule ('test_data_dir').
+
+    `downloads` (the folder index of each item) keeps each folder's split and folds what a build
+    of it alone makes: downloads after the first only train (or hold out their official test
+    set); then an image whose lesion was already placed from an earlier folder follows it."""
     if rule not in SPLIT_RULES:
         raise ValueError(f"split must be one of {SPLIT_RULES}, got {rule!r}")
     held_out = np.array([it.source in isic.OFFICIAL_TEST_SOURCES for it in items])
@@ -237,12 +249,33 @@ def split_items(items: Sequence[isic.LesionItem], rule: str, test_fraction: floa
                          "in the download; use the stratified split")
     if rule != "stratified" and held_out.all():
         raise ValueError(f"split {rule!r}: every image is a test image, none is left to train on")
-    if rule == "stratified":
-        return (*_assign_by_kind(items, np.arange(len(items)), test_fraction, folds, seed), rule)
-    train = np.flatnonzero(~held_out)
-    fold = np.full(len(items), -1)
-    fold[train] = _assign_by_kind(items, train, 0.0, folds, seed)[1]
-    return held_out, fold, rule
+    downloads = np.zeros(len(items), int) if downloads is None else np.asarray(downloads)
+    is_test, fold = np.zeros(len(items), bool), np.full(len(items), -1)
+    for d in np.unique(downloads):
+        index = np.flatnonzero(downloads == d)
+        if rule == "stratified" and d == downloads.min():
+            is_test[index], fold[index] = _assign_by_kind(items, index, test_fraction, folds, seed)
+            continue
+        is_test[index] = held_out[index]
+        train = index[~held_out[index]]
+        if len(train):
+            fold[train] = _assign_by_kind(items, train, 0.0, folds, seed)[1]
+    _keep_lesions_together(items, downloads, is_test, fold)
+    return is_test, fold, rule
+
+
+def _keep_lesions_together(items: Sequence[isic.LesionItem], downloads: np.ndarray, is_test: np.ndarray,
+                           fold: np.ndarray) -> None:
+    """Across downloads (in place): a lesion with an image in the test split is test everywhere,
+    and otherwise its images take the fold of the first download that placed it."""
+    groups = [it.lesion_id or it.image_id for it in items]
+    test_groups = {g for g, t in zip(groups, is_test) if t}
+    placed: dict[str, tuple[int, int]] = {}
+    for i in np.argsort(downloads, kind="stable"):
+        if groups[i] in test_groups:
+            is_test[i], fold[i] = True, -1
+        elif placed.setdefault(groups[i], (downloads[i], fold[i]))[0] != downloads[i]:
+            fold[i] = placed[groups[i]][1]
 
 
 def _assign_by_kind(items: Sequence[isic.LesionItem], index: np.ndarray, test_fraction: float, folds: int,

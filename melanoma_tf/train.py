@@ -4,11 +4,18 @@
         [--experiment lesion_maskrcnn_r101_fpn] [--config-file F.yaml] [--params-override K=V,...] \
         [--mode train|eval|train_and_eval]
     python -m melanoma_tf.train --stage cls --data-dir tfrecords/NAME --model-dir runs/cls \
-        [--folds 5] [--epochs N] [--config-file F.yaml] [--params-override K=V,...]
+        [--folds 5] [--epochs N] [--config-file F.yaml] [--params-override K=V,...] \
+        [--fold K | --fold final | --summarize]
 
 Segmentation runs through Model Garden's `train_lib.run_experiment` (Orbit, checkpoints, resume,
 TensorBoard); classification through Keras with k-fold cross-validation. Both read configs the
 Model Garden way: a registered experiment, then YAML files, then `--params-override`.
+
+A classifier run is k + 1 independent fits and a summary. On a cluster each fit is its own
+process (`--fold 0` ... `--fold K-1`, `--fold final`, e.g. one pod each), all with the same flags
+and --model-dir; `--summarize` then pools the folds (CV metrics, the screening threshold the
+export takes) and scores the final model, refusing while a fit is missing. Without --fold or
+--summarize one process runs all of it in turn.
 """
 
 from __future__ import annotations
@@ -30,11 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seg only")
     p.add_argument("--folds", type=int, default=None, help="cls only: cross-validation folds (0: none)")
     p.add_argument("--epochs", type=int, default=None, help="cls only: epochs per model")
+    piece = p.add_mutually_exclusive_group()
+    piece.add_argument("--fold", default=None, metavar="K|final",
+                       help="cls only: train cross-validation fold K (0-based) or the final model, nothing else")
+    piece.add_argument("--summarize", action="store_true",
+                       help="cls only: pool the finished folds and score the final model (no training)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stage == "seg" and (args.fold is not None or args.summarize):
+        parser.error("--fold and --summarize are for --stage cls")
+    if args.fold is not None and args.fold != "final" and not args.fold.isdigit():
+        parser.error(f"--fold {args.fold}: expected a fold number or 'final'")
     if args.stage == "seg":
         from melanoma_tf.tasks import lesion_segmentation
 
@@ -44,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from melanoma_tf.tasks import melanoma_classification
 
-        melanoma_classification.train(
-            data_dir=args.data_dir, model_dir=args.model_dir, experiment=args.experiment,
-            config_files=args.config_file, params_override=args.params_override,
-            folds=args.folds, epochs=args.epochs)
+        try:
+            melanoma_classification.train(
+                data_dir=args.data_dir, model_dir=args.model_dir, experiment=args.experiment,
+                config_files=args.config_file, params_override=args.params_override,
+                folds=args.folds, epochs=args.epochs, fit_only=args.fold, summarize_only=args.summarize)
+        except ValueError as e:  # MissingFits, a fold out of range, params of another run
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -19,6 +19,7 @@ import atexit
 import io
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+from melanoma_tf import contract
+from melanoma_tf.serving import image_header
 
 SEGMENTER = "lesion_segmenter"
 CLASSIFIER = "melanoma_classifier"
@@ -85,14 +89,19 @@ class StandInSegmenter(tf.Module):
     def serve_bytes(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         is_jpeg = tf.strings.substr(image_bytes, 0, 3) == b"\xff\xd8\xff"
         is_png = tf.strings.substr(image_bytes, 0, 8) == b"\x89PNG\r\n\x1a\n"
-        valid = tf.logical_or(is_jpeg, is_png)
+        header = tf.cast(image_header.header_sizes(image_bytes), tf.int32)  # as the real export
+        too_large = tf.reduce_prod(tf.cast(header, tf.int64), axis=-1) > contract.MAX_IMAGE_PIXELS
+        has_size = tf.reduce_min(header, axis=-1) > 0  # a file cut before its size cannot decode
+        valid = tf.logical_or(is_jpeg, is_png) & has_size & tf.logical_not(too_large)
 
         def size_of(args):
             data, ok = args
             return tf.cond(ok, lambda: tf.shape(_decode(data))[:2], lambda: tf.zeros([2], tf.int32))
 
-        sizes = tf.map_fn(size_of, (image_bytes, valid), fn_output_signature=tf.int32)
-        max_hw = tf.reduce_max(tf.concat([sizes, tf.zeros([1, 2], tf.int32)], axis=0), axis=0)
+        decoded_sizes = tf.map_fn(size_of, (image_bytes, valid), fn_output_signature=tf.int32)
+        sizes = tf.where(too_large[:, None], header, decoded_sizes)
+        # Masks pad to the decoded images only: a too-large image's header size must not size them.
+        max_hw = tf.reduce_max(tf.concat([decoded_sizes, tf.zeros([1, 2], tf.int32)], axis=0), axis=0)
 
         def segment(args):
             data, ok = args
@@ -108,6 +117,7 @@ class StandInSegmenter(tf.Module):
 
         masks, boxes, scores, masked, status = tf.map_fn(
             segment, (image_bytes, valid), fn_output_signature=_ONE_MASK)
+        status = tf.where(too_large, contract.STATUS_TOO_LARGE, status)
         return _outputs(masks, sizes, boxes, scores, masked, status)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
@@ -262,3 +272,10 @@ def write_images(directory: str | os.PathLike, count: int, size: int = 48,
         path.write_bytes(encode_png(image) if fmt == "png" else encode_jpeg(image))
         paths.append(path)
     return paths
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

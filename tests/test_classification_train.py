@@ -254,3 +254,36 @@ def test_other_lesions_keep_every_melanoma_and_nevus_in_place_and_train_as_not_m
                                      + sum(placed["with"][i][1] != k for i in train_others))
     with pytest.raises(ValueError, match="--include-other"):
         task.train(without, tmp_path / "run_without", **run)
+
+
+class Batches(keras.callbacks.Callback):
+    """Counts the training batches of each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.per_epoch: list[int] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.per_epoch.append(0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.per_epoch[-1] += 1
+
+
+def test_two_resolutions_train_together_in_epochs_of_drawn_images(tmp_path):
+    """Sample v2's full images beside HAM10000's 200x150 ones: one set of records, one model;
+    data.epoch_images makes an epoch a fixed number of drawn images whatever the set's size."""
+    large = synthetic.generate_dataset(tmp_path / "large", num_images=24, seed=6, image_size=(192, 256))
+    small = synthetic.generate_dataset(tmp_path / "small", num_images=24, seed=7, image_size=(75, 100),
+                                       layout="ham10000")
+    manifest = build_tfrecords.build([large, small], tmp_path / "records", folds=2, seed=0, progress=False)
+    widths = {d: [r["width"] for r in manifest["images"].values() if r["download"] == d and r["split"] == "train"]
+              for d in ("large", "small")}
+    assert min(widths["large"]) > 2 * max(widths["small"]) and widths["small"]
+    batches = Batches()
+    out = task.train(tmp_path / "records", tmp_path / "run", config_files=["cls_tiny_test.yaml"], callbacks=[batches],
+                     params_override={"data": {"epoch_images": 20}, "training": {"folds": 0, "final_epochs": 2}})
+    assert batches.per_epoch == [3, 3]  # ceil(20 / batch 8), though the train split holds more images
+    assert out["test"]["n"] == len(manifest["splits"]["test"])
+    history = list(csv.DictReader((tmp_path / "run" / "final" / "history.csv").open()))
+    assert len(history) == 2 and np.isfinite([float(r["loss"]) for r in history]).all()

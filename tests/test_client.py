@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import socket
 import threading
 import time
 from pathlib import Path
@@ -177,14 +176,8 @@ def test_versions_and_labels(server) -> None:
         MelanomaClient(server.target, classifier_version=1, classifier_label="stable")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_retries_unavailable_until_the_server_comes_up(exports) -> None:
-    port = _free_port()
+    port = fakes.free_port()
     with MelanomaClient(f"127.0.0.1:{port}", retries=1, backoff=0.05) as impatient:
         with pytest.raises(PredictionError) as info:
             impatient.predict(fakes.encode_png(fakes.lesion_image(16, 16)))

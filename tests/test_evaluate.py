@@ -200,6 +200,12 @@ def test_decisions_default_to_the_served_threshold_which_must_be_one(synthetic_d
     assert half["balanced_accuracy"]["value"] == pytest.approx((np.mean(melanoma) + np.mean(nevus)) / 2)
     assert half["sensitivity"]["value"] > metrics["classification"]["sensitivity"]["value"]
     assert any(line.startswith("  at p ≥ 0.5: ") for line in report.headline(metrics))
+    # and the served probability's calibration: Brier score = mean squared error of the probability
+    y = np.array([r["label"] == "melanoma" for r in scored], float)
+    brier = metrics["calibration"]["brier_score"]
+    assert brier == pytest.approx(np.mean((np.array([r["score"] for r in scored]) - y) ** 2))
+    assert sum(metrics["calibration"]["images_per_bin"]) == len(scored)
+    assert f"  calibration: Brier score {brier:.3f}" in report.headline(metrics)
     with pytest.raises(ValueError, match=r"different thresholds \[0.6, 0.7\]"):
         evaluate.evaluate(synthetic_dir, ServedThresholds(labels, [0.6, 0.7]), tmp_path / "two", bootstrap=20,
                           progress=False, write_html=False)
@@ -295,9 +301,11 @@ def test_report_is_self_contained_with_the_papers_figures_roc_tables_and_gallery
     page = _check_page(fake_report / "index.html")
     text = " ".join(page.text)
     assert "Table I" in text and "Table II" in text and "Otsu baseline" in text
-    assert "ROC curve" in (fake_report / "index.html").read_text()
-    # ROC + (best, borderline, worst) x 3 cases x (outline, masked input) x (by Jaccard, by margin)
-    assert len(page.images) == 1 + 3 * 3 * 2 * 2
+    html = (fake_report / "index.html").read_text()
+    assert "ROC curve" in html and "reliability diagram" in html and "Brier score" in text
+    assert (fake_report / "reliability.png").is_file()
+    # ROC, reliability + (best, borderline, worst) x 3 cases x (outline, masked input) x (by Jaccard, by margin)
+    assert len(page.images) == 2 + 3 * 3 * 2 * 2
 
 
 def test_report_renders_in_headless_chromium(fake_report, tmp_path):

@@ -277,3 +277,85 @@ def test_a_separate_test_folder_is_the_test_split_and_every_training_image_train
     with pytest.raises(ValueError, match=f"{test_dir}: image ISIC_Validation_2 is also in the training folder"):
         build(train_dir, tmp_path / "shared", folds=2, test_data_dir=test_dir, progress=False)
     assert not (tmp_path / "shared").exists()
+
+
+def _ham10000(root: Path, lesions: list[tuple[str, str, list[str]]]) -> Path:
+    """A HAM10000 download in miniature: (lesion_id, dx, image ids) per lesion, every image masked."""
+    rows = []
+    for lesion_id, dx, image_ids in lesions:
+        for image_id in image_ids:
+            _pair(root / "HAM10000_images", root / "HAM10000_segmentations_lesion_tschandl", image_id)
+            rows.append([lesion_id, image_id, dx, "histo"])
+    _write_csv(root / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx", "dx_type"], rows)
+    return root
+
+
+def test_two_downloads_build_into_one_set_of_records_with_duplicates_reported_once(isic2017_download, tmp_path):
+    ham = _ham10000(tmp_path / "ham", [("HAM_1", "mel", ["ISIC_H1", "ISIC_H2"]), ("HAM_2", "nv", ["ISIC_H3"]),
+                                       ("HAM_3", "nv", ["ISIC_Training_0"]), ("HAM_4", "bkl", ["ISIC_H4"])])
+    out = tmp_path / "records"
+    manifest = build([isic2017_download, ham], out, folds=2, progress=False)
+    downloads = {i: r["download"] for i, r in manifest["images"].items()}
+    assert {i for i, d in downloads.items() if d == "ham"} == {"ISIC_H1", "ISIC_H2", "ISIC_H3"}
+    assert sum(d == "isic2017" for d in downloads.values()) == 16
+    assert list(manifest["downloads"]) == ["isic2017", "ham"] and manifest["downloads"]["ham"]["images"] == 3
+    # The duplicate id is one problem row naming the second file, and the first folder's image is kept.
+    with open(out / "build_report.csv", newline="") as f:
+        dup = [r for r in csv.DictReader(f) if r["image_id"] == "ISIC_Training_0"]
+    assert len(dup) == 1 and "ham" in dup[0]["path"] and "two downloads" in dup[0]["reason"]
+    assert manifest["images"]["ISIC_Training_0"]["source"] == "isic2017/Training"
+    import tensorflow as tf
+
+    from melanoma_tf import tfrecords
+    stored = {}
+    for serialized in tf.data.TFRecordDataset(tf.io.gfile.glob(tfrecords.split_pattern(out, "*"))):
+        example = tf.train.Example.FromString(serialized.numpy())
+        f = example.features.feature
+        stored[f["image/lesion/image_id"].bytes_list.value[0].decode()] = \
+            f["image/lesion/download"].bytes_list.value[0].decode()
+    assert stored == downloads
+    # The official test split of the first download is the test split; the extra folder only trains.
+    assert set(manifest["splits"]["test"]) == {f"ISIC_Test_v2_{i}" for i in range(4)}
+
+
+def test_extra_downloads_leave_the_first_ones_test_split_and_folds_as_a_build_of_it_alone(tmp_path):
+    from melanoma_tf.data import synthetic
+
+    data = synthetic.generate_dataset(tmp_path / "isic", num_images=40, seed=2, image_size=(48, 64))
+    ham = _ham10000(tmp_path / "ham", [(f"HAM_{i}", "mel" if i % 3 == 0 else "nv", [f"ISIC_H{i}a", f"ISIC_H{i}b"])
+                                       for i in range(12)])
+    alone = build(data, tmp_path / "alone", folds=3, progress=False)
+    both = build([data, ham], tmp_path / "both", folds=3, progress=False)
+    assert both["splits"]["test"] == alone["splits"]["test"]
+    assert {i: both["images"][i]["fold"] for i in alone["images"]} == {i: r["fold"] for i, r in alone["images"].items()}
+    assert all(both["images"][f"ISIC_H{i}a"]["split"] == "train" for i in range(12))
+
+
+def _items(download: int, lesions: int, per_lesion: int, prefix: str, other_every: int = 0):
+    return [isic.LesionItem(f"{prefix}{g}_{k}", Path(f"{prefix}{g}_{k}.jpg"),
+                            isic.OTHER if other_every and g % other_every == 0 else
+                            isic.MELANOMA if g % 4 == 0 else isic.NEVUS, f"d{download}", Path("m.png"),
+                            f"L{g}") for g in range(lesions) for k in range(per_lesion)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_no_lesion_straddles_the_split_or_two_folds_across_downloads_for_any_seed(seed):
+    from melanoma_tf import tfrecords
+
+    # Lesions L0..L29 appear in both downloads (an isic-cli folder beside HAM10000, say).
+    first, second = _items(0, 40, 2, "A", other_every=5), _items(1, 30, 3, "B", other_every=5)
+    items, downloads = first + second, [0] * len(first) + [1] * len(second)
+    for include_other in (True, False):
+        chosen = [i for i, it in enumerate(items) if include_other or it.label != isic.OTHER]
+        is_test, fold, _ = tfrecords.split_items([items[i] for i in chosen], "stratified", 0.2, 3, seed,
+                                                 downloads=[downloads[i] for i in chosen])
+        placement: dict[str, set] = {}
+        for i, t, f in zip(chosen, is_test, fold):
+            placement.setdefault(items[i].lesion_id, set()).add((bool(t), int(f)))
+        assert all(len(p) == 1 for p in placement.values()), "a lesion straddles the split or two folds"
+        assert any(t for p in placement.values() for t, _ in p)
+        by_id = {items[i].image_id: (bool(t), int(f)) for i, t, f in zip(chosen, is_test, fold)}
+        if include_other:
+            with_other = by_id
+        else:  # the other lesions change nothing for melanomas and nevi
+            assert by_id == {k: v for k, v in with_other.items() if k in by_id}

@@ -88,3 +88,56 @@ def test_training_job_gives_each_worker_its_tf_config() -> None:
         assert config["task"] == {"type": "worker", "index": index}
     assert "runtime.distribution_strategy=multi_worker_mirrored" in script
     assert "python -m melanoma_tf.train --stage seg" in script
+
+
+def _commands(script: str, env: dict[str, str], tmp_path: Path) -> list[list[str]]:
+    """The python command lines a container's shell script runs, by running it with `python`
+    standing in as a stub that prints its arguments."""
+    import os
+    import subprocess
+
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text('#!/bin/sh\nprintf "%s\\0" "$@"; printf "\\n"\n')
+    stub.chmod(0o755)
+    out = subprocess.run(["/bin/sh", "-c", script], env={**os.environ, **env, "PATH": f"{stub.parent}:/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return [line.rstrip("\0").split("\0") for line in out.splitlines() if line]
+
+
+def test_classifier_fits_run_as_an_indexed_job_then_one_summary_exports(tmp_path) -> None:
+    from melanoma_tf import export, train
+
+    job = _load("classifier-job.yaml")["Job/melanoma-classifier"]
+    summary = _load("classifier-summary-job.yaml")["Job/melanoma-classifier-summary"]
+    spec, container = job["spec"], job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    folds = int(env["FOLDS"])
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == folds + 1
+    fits = []
+    for index in range(spec["completions"]):
+        (command,) = _commands(container["args"][0], {**env, "JOB_COMPLETION_INDEX": str(index)}, tmp_path)
+        assert command[:2] == ["-m", "melanoma_tf.train"]
+        fits.append(train.build_parser().parse_args(command[2:]))
+    assert [a.fold for a in fits] == [str(k) for k in range(folds)] + ["final"]
+    assert all(a.stage == "cls" and a.folds == folds and not a.summarize for a in fits)
+    assert len({(str(a.data_dir), str(a.model_dir), a.experiment) for a in fits}) == 1
+
+    s_container = summary["spec"]["template"]["spec"]["containers"][0]
+    s_env = {e["name"]: e["value"] for e in s_container["env"]}
+    assert s_env == env
+    summarize, exporting = _commands(s_container["args"][0], s_env, tmp_path)
+    pooled = train.build_parser().parse_args(summarize[2:])
+    assert pooled.summarize and pooled.fold is None
+    assert (str(pooled.data_dir), str(pooled.model_dir), pooled.experiment, pooled.folds) == \
+        (str(fits[0].data_dir), str(fits[0].model_dir), fits[0].experiment, folds)
+    exported = export.build_parser().parse_args(exporting[2:])
+    assert exported.stage == "cls" and exported.model_dir == pooled.model_dir and exported.next_version
+    served = _load("serving.yaml")["Deployment/melanoma-serving"]["spec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in served["volumes"] if "persistentVolumeClaim" in v}
+    mounts = {m["mountPath"]: m["name"] for m in s_container["volumeMounts"]}
+    s_claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+                for v in summary["spec"]["template"]["spec"]["volumes"]}
+    assert s_claims[mounts["/models"]] == claims["models"]  # exported where the replicas read
+    assert str(exported.export_dir).startswith("/models/") and exported.export_dir.name == contract.CLASSIFIER

@@ -3,7 +3,6 @@ replica dying mid-run, and servers that do not answer."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -33,12 +32,6 @@ def _replica(exports: Path):
 def _requests(handle) -> int:
     return sum(queue["tasks"] + queue["unbatched_tasks"]
                for version in handle.stats().values() for queue in version["batching"].values())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_targets() -> None:
@@ -78,7 +71,7 @@ def test_requests_spread_over_replicas_and_survive_one_dying(exports: Path, tmp_
 
 
 def test_a_server_that_does_not_answer_is_named_within_the_connect_timeout(exports: Path) -> None:
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{fakes.free_port()}"
     started = time.monotonic()
     with pytest.raises(ConnectionError, match=dead):
         MelanomaClient(dead, connect_timeout=1)
@@ -92,7 +85,7 @@ def test_score_cli_server_errors(tmp_path: Path, capsys: pytest.CaptureFixture) 
     args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "scores.csv"), "--no-progress"]
     assert score.main(["--server", " ", *args]) == 2
     assert "no server address" in capsys.readouterr().err
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{fakes.free_port()}"
     assert score.main(["--server", dead, "--connect-timeout", "1", *args]) == 1
     assert dead in capsys.readouterr().err
     assert not (tmp_path / "scores.csv").exists()

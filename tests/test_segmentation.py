@@ -216,6 +216,14 @@ def test_export_signature_shapes_dtypes_and_bad_images(seg_export, synthetic_dir
         want = masking.mask_lesion(tf.constant(decoded), tf.constant(mask[:h, :w])).numpy()
         np.testing.assert_array_equal(out["masked_image"][i], want)
         assert out["status"][i] == (0 if mask.any() else 1)
+    # A valid image over the pixel limit is refused from its header (status 3, its size), not decoded.
+    huge = io.BytesIO()
+    Image.new("1", (12_000, 9_000)).save(huge, format="PNG")  # 108 MP > contract.MAX_IMAGE_PIXELS
+    refused = {k: v.numpy() for k, v in serve(image_bytes=tf.constant([huge.getvalue(), batch[0]])).items()}
+    assert refused["status"].tolist() == [3, out["status"][0]]
+    assert refused["image_size"].tolist() == [[9_000, 12_000], list(sources[0].shape[:2])]
+    np.testing.assert_array_equal(refused["lesion_mask"][1], out["lesion_mask"][0][:hmax, :wmax][
+        :refused["lesion_mask"].shape[1], :refused["lesion_mask"].shape[2]])
     # The same pixels as serving_default decoded (PIL's JPEG decoder differs from TF's by a few levels).
     decoded = tf.io.decode_image(batch[0], channels=3)
     tensor_out = model.signatures["serving_image_tensor"](images=decoded[None])

@@ -13,7 +13,7 @@ import csv
 import dataclasses
 import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 MELANOMA, NEVUS, OTHER = "melanoma", "nevus", "other"
 # Layout parts holding a challenge's official test set (labelled when its ground-truth CSV is there).
@@ -248,3 +248,23 @@ def read_dataset(data_dir: Path | str, include_other: bool = False
             problems.append(Problem(str(listed_in[image_id]), f"{image_id} is labelled but has no image file",
                                     image_id))
     return [items[k] for k in sorted(items)], problems
+
+
+def read_downloads(dirs: Sequence[Path | str], include_other: bool = False
+                   ) -> tuple[list[LesionItem], list[int], list[Problem]]:
+    """Every labelled image of the folders, with the index of the folder it came from. An image id
+    found again in a later folder is one problem row (naming both files) and is kept from the first."""
+    items, download, problems = [], [], []
+    first: dict[str, Path] = {}
+    for index, directory in enumerate(dirs):
+        found, found_problems = read_dataset(directory, include_other=include_other)
+        problems += found_problems
+        for it in found:
+            if it.image_id in first:
+                problems.append(Problem(str(it.image_path), f"duplicate image id {it.image_id} in two "
+                                        f"downloads; kept from {first[it.image_id]}", it.image_id))
+                continue
+            first[it.image_id] = it.image_path
+            items.append(it)
+            download.append(index)
+    return items, download, problems

@@ -1,7 +1,7 @@
 """Deterministic synthetic dermoscopy dataset: the embedded default dataset and test fixture source.
 
 Real ISIC images cannot ship with the package, so this renders look-alikes in the "simple layout"
-(images/, masks/, labels.csv). Melanomas differ from nevi the way the dermoscopic ABCD rule says
+(images/, masks/, labels.csv), or in HAM10000's. Melanomas differ from nevi the way the dermoscopic ABCD rule says
 (asymmetry, border irregularity, colour variegation, diameter), but each cue is drawn from
 overlapping per-class distributions so no single feature separates the classes perfectly.
 """
@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 GENERATOR_VERSION = 1  # bump when the rendering changes: cached datasets then stop matching
+HAM10000_DIRS = ("HAM10000_images", "HAM10000_segmentations_lesion_tschandl")
 _BLOTCH_COLOURS = np.array(  # RGB: dark brown, black, blue-grey, red, tan (regression)
     [(78, 46, 30), (28, 20, 20), (92, 104, 128), (158, 80, 72), (180, 138, 104)], np.float32)[..., None, None]
 
@@ -166,24 +167,33 @@ def _write(tmp: pathlib.Path, params: dict) -> None:
     rng = np.random.default_rng(seed)
     kinds = [kinds[i] for i in rng.permutation(len(kinds))]
     has_mask = rng.permutation(len(kinds)) < round(len(kinds) * params["mask_fraction"])
-    (tmp / "images").mkdir()
-    (tmp / "masks").mkdir()
+    ham = params.get("layout") == "ham10000"
+    if ham:  # HAM10000 shows most lesions twice: image i is lesion i // 2, of that lesion's kind
+        kinds = [kinds[i - i % 2] for i in range(len(kinds))]
+    image_dir, mask_dir = (tmp / d for d in (HAM10000_DIRS if ham else ("images", "masks")))
+    image_dir.mkdir()
+    mask_dir.mkdir()
     rows = []
     for i, kind in enumerate(kinds):
         image_rng = np.random.default_rng([seed, i])
         scale, aspect = image_rng.uniform(0.9, 1.1), image_rng.uniform(0.93, 1.07)
         rgb, mask = _render(image_rng, kind, round(height * scale * aspect), round(width * scale / aspect))
-        image_id = f"SYN_{i:07d}"
-        ok = cv2.imwrite(str(tmp / "images" / f"{image_id}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+        image_id = f"{'SYNHAM' if ham else 'SYN'}_{i:07d}"
+        ok = cv2.imwrite(str(image_dir / f"{image_id}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                          [cv2.IMWRITE_JPEG_QUALITY, 92])
         if has_mask[i]:
-            ok &= cv2.imwrite(str(tmp / "masks" / f"{image_id}_segmentation.png"), mask)
+            ok &= cv2.imwrite(str(mask_dir / f"{image_id}_segmentation.png"), mask)
         if not ok:
             raise OSError(f"could not write {image_id} into {tmp}")
         rows.append((image_id, kind))
-    source = f"synthetic|seed:{seed}"
-    lines = [f"{i},{int(k == 'melanoma')},{int(k == 'keratosis')},{source}" for i, k in rows]
-    (tmp / "labels.csv").write_text("image_id,melanoma,seborrheic_keratosis,source\n" + "\n".join(lines) + "\n")
+    if ham:
+        dx = {"melanoma": "mel", "nevus": "nv", "keratosis": "bkl"}
+        lines = [f"HAM_S{i // 2:06d},{image_id},{dx[k]},histo" for i, (image_id, k) in enumerate(rows)]
+        (tmp / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx,dx_type\n" + "\n".join(lines) + "\n")
+    else:
+        source = f"synthetic|seed:{seed}"
+        lines = [f"{i},{int(k == 'melanoma')},{int(k == 'keratosis')},{source}" for i, k in rows]
+        (tmp / "labels.csv").write_text("image_id,melanoma,seborrheic_keratosis,source\n" + "\n".join(lines) + "\n")
     counts = {k: sum(kind == k for _, kind in rows) for k in ("melanoma", "nevus", "keratosis")}
     (tmp / "README.md").write_text(
         "# Synthetic dermoscopy dataset\n\nRendered by `melanoma_tf.data.synthetic`; these are NOT real "
@@ -196,8 +206,9 @@ def _write(tmp: pathlib.Path, params: dict) -> None:
 
 def generate_dataset(output_dir: str | os.PathLike, num_images: int = 200, seed: int = 0,
                      melanoma_fraction: float = 0.35, image_size: tuple[int, int] = (256, 320),
-                     mask_fraction: float = 1.0, include_other: int = 0) -> pathlib.Path:
-    """Writes (or reuses, if made with the same parameters) a synthetic dataset in the simple layout.
+                     mask_fraction: float = 1.0, include_other: int = 0, layout: str = "simple") -> pathlib.Path:
+    """Writes (or reuses, if made with the same parameters) a synthetic dataset in the simple layout,
+    or with layout='ham10000' in HAM10000's (two images a lesion, ids SYNHAM_*, keratoses as bkl).
 
     Rendering happens in a hidden sibling folder renamed into place at the end, so an interrupted
     run never leaves a folder that looks like a complete dataset.
@@ -207,7 +218,10 @@ def generate_dataset(output_dir: str | os.PathLike, num_images: int = 200, seed:
               "num_images": int(num_images), "seed": int(seed), "melanoma_fraction": float(melanoma_fraction),
               "image_size": [int(v) for v in image_size], "mask_fraction": float(mask_fraction),
               "include_other": int(include_other)}
-    if (num_images < 0 or include_other < 0 or num_images + include_other == 0 or seed < 0
+    if layout != "simple":
+        params["layout"] = layout  # absent for the simple layout: datasets made before it stay valid
+    if (layout not in ("simple", "ham10000") or num_images < 0 or include_other < 0
+            or num_images + include_other == 0 or seed < 0
             or not 0 <= melanoma_fraction <= 1 or not 0 <= mask_fraction <= 1
             or len(params["image_size"]) != 2 or min(params["image_size"]) < 32):
         raise ValueError(f"invalid synthetic dataset parameters: {params}")

@@ -101,9 +101,10 @@ def one_hot(labels: np.ndarray) -> np.ndarray:
 
 
 def training_dataset(data: LesionSet, params: configs.ClassificationExperiment):
-    """(dataset, steps_per_epoch, class_weight) for fit."""
+    """(dataset, steps_per_epoch, class_weight) for fit; steps_per_epoch is None when an epoch is
+    one pass over `data` (the dataset then ends each epoch)."""
     cfg, seed = params.data, params.training.seed
-    steps = math.ceil(len(data) / cfg.batch_size)
+    steps = math.ceil(cfg.epoch_images / cfg.batch_size) if cfg.epoch_images else None
     if cfg.imbalance == "balanced_sampling":
         per_class = []
         for c in (NEVUS, MELANOMA):
@@ -111,14 +112,16 @@ def training_dataset(data: LesionSet, params: configs.ClassificationExperiment):
             per_class.append(tf.data.Dataset.from_tensor_slices((data.images[rows], one_hot(data.labels[rows])))
                              .shuffle(len(data), seed=seed).repeat())
         ds = tf.data.Dataset.sample_from_datasets(per_class, [0.5, 0.5], seed=seed)
-        return ds.batch(cfg.batch_size).prefetch(2), steps, None
+        return ds.batch(cfg.batch_size).prefetch(2), steps or math.ceil(len(data) / cfg.batch_size), None
     ds = (tf.data.Dataset.from_tensor_slices((data.images, one_hot(data.labels)))
-          .shuffle(len(data), seed=seed, reshuffle_each_iteration=True).batch(cfg.batch_size).prefetch(2))
+          .shuffle(len(data), seed=seed, reshuffle_each_iteration=True))
+    if steps:
+        ds = ds.repeat()
     class_weight = None
     if cfg.imbalance == "class_weight":
         weights = compute_class_weight("balanced", classes=np.array([NEVUS, MELANOMA]), y=data.labels)
         class_weight = {NEVUS: float(weights[0]), MELANOMA: float(weights[1])}
-    return ds, None, class_weight
+    return ds.batch(cfg.batch_size).prefetch(2), steps, class_weight
 
 
 def validation_dataset(data: LesionSet, batch_size: int) -> tf.data.Dataset:

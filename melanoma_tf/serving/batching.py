@@ -138,6 +138,8 @@ class BatchQueue:
                 stats.examples += total
                 stats.max_batch_tasks = max(stats.max_batch_tasks, len(tasks))
                 stats.batch_size_histogram[total] = stats.batch_size_histogram.get(total, 0) + 1
+            if self._scheduler.on_batch is not None:
+                self._scheduler.on_batch(self.name, total)
             for task in tasks:
                 task.done.set()
 
@@ -168,8 +170,9 @@ class BatchQueue:
 class SharedBatchScheduler:
     """A fixed pool of batch threads shared by all queues (TF Serving's design)."""
 
-    def __init__(self, options: BatchingOptions) -> None:
+    def __init__(self, options: BatchingOptions, on_batch: Callable[[str, int], None] | None = None) -> None:
         self.options = options
+        self.on_batch = on_batch  # (queue name, examples) of every batch run, e.g. for metrics
         self._cond = threading.Condition()
         self._queues: list[BatchQueue] = []
         self._stopping = False

@@ -84,6 +84,18 @@ def parse_monitoring_config(text: str) -> Any:
     return text_format.Parse(text, MonitoringConfig())
 
 
+def monitoring_config_from(spec: Any) -> Any:
+    """A `MonitoringConfig` from None (nothing enabled), a file path or a parsed message."""
+    if spec is None:
+        return MonitoringConfig()
+    if isinstance(spec, (str, os.PathLike)):
+        try:
+            return parse_monitoring_config(Path(spec).read_text())
+        except text_format.ParseError as exc:
+            raise ValueError(f"{spec}: not a MonitoringConfig text proto ({exc})") from None
+    return spec
+
+
 @dataclass(frozen=True)
 class BatchingOptions:
     """Effective scheduler settings (TF Serving's defaults where a field is unset)."""

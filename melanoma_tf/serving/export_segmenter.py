@@ -9,10 +9,13 @@ what the classifier and a client need, so a client does no image processing of i
     lesion_box    float32 [N, 4]         (ymin, xmin, ymax, xmax) in image pixels
     lesion_score  float32 [N]
     masked_image  uint8 [N, S, S, 3]     `masking.mask_lesion` of the image: the classifier's input
-    status        int32 [N]              0 ok, 1 no lesion found, 2 not a decodable image
+    status        int32 [N]              0 ok, 1 no lesion found, 2 not a decodable image,
+                                         3 larger than contract.MAX_IMAGE_PIXELS (not decoded)
 
 A bad image (not an image, empty bytes, zero size) gets status 2 and zeros; the rest of the batch
-is served. `serving_image_tensor` takes uint8 [N, H, W, 3] and returns the same. The final mask
+is served. An image whose header says it has more than MAX_IMAGE_PIXELS pixels is never decoded:
+status 3, its header's size in `image_size`, zeros elsewhere (`serving.image_header`).
+ `serving_image_tensor` takes uint8 [N, H, W, 3] and returns the same. The final mask
 is the highest-scoring instance pasted at full resolution (no merging: one lesion per image).
 """
 
@@ -30,7 +33,7 @@ from official.vision.serving import detection
 
 from melanoma_tf import contract, masking
 from melanoma_tf.configs import segmentation as seg_cfg  # noqa: F401  (registers configs)
-from melanoma_tf.serving import versions, warmup
+from melanoma_tf.serving import image_header, versions, warmup
 
 MODEL_NAME = contract.SEGMENTER
 MASK_THRESHOLD = 0.5
@@ -113,6 +116,8 @@ class LesionSegmenterModule(detection.DetectionModule):
     @tf.function
     def inference_from_image_bytes(self, inputs: tf.Tensor) -> dict[str, tf.Tensor]:
         n = tf.shape(inputs)[0]
+        header = image_header.header_sizes(inputs)
+        too_large = tf.reduce_prod(header, axis=-1) > contract.MAX_IMAGE_PIXELS
 
         def decode(i, data):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -122,12 +127,15 @@ class LesionSegmenterModule(detection.DetectionModule):
 
         # tf.data's ignore_errors is the graph's try/except: an undecodable image drops out.
         decoded = (tf.data.Dataset.from_tensor_slices((tf.range(n), inputs))
-                   .map(decode).ignore_errors()
+                   .filter(lambda i, data: tf.logical_not(too_large[i])).map(decode).ignore_errors()
                    .padded_batch(tf.cast(tf.maximum(n, 1), tf.int64)))
         nothing = tf.data.Dataset.from_tensors(
             (tf.zeros([0], tf.int32), tf.zeros([0, 1, 1, 3], tf.uint8), tf.zeros([0, 2], tf.int32)))
         index, images, sizes = decoded.concatenate(nothing).take(1).get_single_element()
-        return self._serve_decoded(index, images, sizes, n)
+        result = self._serve_decoded(index, images, sizes, n)
+        result["status"] = tf.where(too_large, contract.STATUS_TOO_LARGE, result["status"])
+        result["image_size"] = tf.where(too_large[:, None], tf.cast(header, tf.int32), result["image_size"])
+        return result
 
     @tf.function
     def inference_from_image_tensors(self, inputs: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -34,6 +34,7 @@ from melanoma_tf.serving.errors import (
     invalid_argument,
     not_found,
 )
+from melanoma_tf.serving.metrics import ServingMetrics
 from melanoma_tf.serving.servable import Servable
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,10 @@ class ModelRegistry:
 
     def __init__(self, scheduler: SharedBatchScheduler | None = None,
                  path_map: PathMap | None = None, enable_warmup: bool = True,
-                 allow_version_labels_for_unavailable_models: bool = False) -> None:
+                 allow_version_labels_for_unavailable_models: bool = False,
+                 metrics: ServingMetrics | None = None) -> None:
         self._scheduler = scheduler
+        self._metrics = metrics
         self._path_map = dict(path_map or {})
         self._enable_warmup = enable_warmup
         self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
@@ -338,7 +341,11 @@ class ModelRegistry:
             if servable is not None:
                 servable.close()
             log.error("%s", entry.error.message)
+            if self._metrics is not None:
+                self._metrics.load(path, ok=False)
             return
+        if self._metrics is not None:
+            self._metrics.load(path, ok=True)
         with self._lock:
             entry.servable = servable
             entry.state = State.AVAILABLE

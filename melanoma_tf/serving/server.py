@@ -1,4 +1,5 @@
-"""The embedded gRPC server: TF Serving's PredictionService and ModelService.
+"""The embedded server: TF Serving's PredictionService and ModelService over gRPC, and with
+`rest_port` its REST API and Prometheus metrics (`serving.rest`), one registry behind both.
 
 Any TF Serving client (including `melanoma_tf.client`) talks to it unchanged.  Use
 `start_server` for an in-process server (tests, the pipeline, benchmarks) or
@@ -29,13 +30,17 @@ from melanoma_tf.serving.config import (
     PathMap,
     batching_options_from,
     model_server_config_from,
+    monitoring_config_from,
 )
 from melanoma_tf.serving.errors import ServingError, code_number, from_exception
+from melanoma_tf.serving.metrics import ServingMetrics
 from melanoma_tf.serving.model_registry import ModelRegistry
+from melanoma_tf.serving.rest import RestApi, RestServer
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_PROMETHEUS_PATH = "/monitoring/prometheus/metrics"  # TF Serving's default
 Response = TypeVar("Response")
 
 
@@ -57,14 +62,17 @@ def _answer(context: grpc.ServicerContext, call: Callable[[], Response],
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata (Classify/Regress stay UNIMPLEMENTED)."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics) -> None:
         self._registry = registry
+        self._metrics = metrics
 
     def Predict(self, request: predict_pb2.PredictRequest,
                 context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
-        return _answer(context,
-                       lambda: self._registry.resolve(request.model_spec).predict(request),
-                       predict_pb2.PredictResponse)
+        def predict() -> predict_pb2.PredictResponse:
+            with self._metrics.request(request.model_spec.name, "predict", "GRPC"):
+                return self._registry.resolve(request.model_spec).predict(request)
+
+        return _answer(context, predict, predict_pb2.PredictResponse)
 
     def GetModelMetadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest,
                          context: grpc.ServicerContext
@@ -103,14 +111,19 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 class ServerHandle:
-    """A running server: `.port`, `.target`, `.registry`, `.stats()`, `.stop()`."""
+    """A running server: `.port`, `.target`, `.rest_port` (None without REST), `.registry`,
+    `.metrics`, `.stats()`, `.stop()`."""
 
     def __init__(self, server: grpc.Server, registry: ModelRegistry,
-                 scheduler: SharedBatchScheduler | None, host: str, port: int) -> None:
+                 scheduler: SharedBatchScheduler | None, host: str, port: int,
+                 metrics: ServingMetrics, rest: RestServer | None = None) -> None:
         self.server = server
         self.registry = registry
+        self.metrics = metrics
         self.host = host
         self.port = port
+        self.rest_port = rest.port if rest else None
+        self._rest = rest
         self._scheduler = scheduler
         self._stopped = False
 
@@ -129,6 +142,8 @@ class ServerHandle:
         if self._stopped:
             return
         self._stopped = True
+        if self._rest is not None:
+            self._rest.stop()
         self.server.stop(grace).wait()
         if self._scheduler is not None:
             self._scheduler.stop()
@@ -151,8 +166,14 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
                  enable_warmup: bool = True,
                  allow_version_labels_for_unavailable_models: bool = False,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_workers: int | None = None) -> ServerHandle:
+                 max_workers: int | None = None, rest_port: int | None = None,
+                 monitoring_config: Any = None) -> ServerHandle:
     """Load the configured models and serve them over gRPC; port 0 picks a free port.
+
+    `rest_port` also serves TF Serving's REST API there (0 picks a free port; None: no REST),
+    with bodies up to `max_message_bytes`, like gRPC messages. `monitoring_config` (a
+    monitoring.config path or a parsed `MonitoringConfig`) with Prometheus enabled adds the
+    metrics page at its path on the REST port.
 
     `models` is a models.config path, a `ModelServerConfig`, or a dict name -> base path
     (latest version policy).  `batching_parameters` is None (no batching, like TF
@@ -161,11 +182,13 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
     prefixes, e.g. {"/models": "exports"}.
     """
     config = model_server_config_from(models)
+    prometheus = monitoring_config_from(monitoring_config).prometheus_config
     options: BatchingOptions | None = batching_options_from(batching_parameters)
-    scheduler = SharedBatchScheduler(options) if options is not None else None
+    metrics = ServingMetrics()
+    scheduler = SharedBatchScheduler(options, metrics.batch) if options is not None else None
     mapped = {src: os.path.abspath(dst) for src, dst in (path_map or {}).items()}
     registry = ModelRegistry(scheduler, mapped, enable_warmup,
-                             allow_version_labels_for_unavailable_models)
+                             allow_version_labels_for_unavailable_models, metrics)
     try:
         registry.reload_config(config)
     except BaseException:
@@ -181,7 +204,7 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
                  ("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.so_reuseport", 0)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(registry), server)
+        PredictionServicer(registry, metrics), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
     bind_host = f"[{host}]" if ":" in host else host
     try:
@@ -196,8 +219,19 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
         if scheduler is not None:
             scheduler.stop()
         raise OSError(f"cannot bind {bind_host}:{port}: {bind_error}")
+    rest = None
+    if rest_port is not None:
+        app = RestApi(registry, max_message_bytes, metrics,
+                      (prometheus.path or DEFAULT_PROMETHEUS_PATH) if prometheus.enable else None)
+        try:
+            rest = RestServer(app, host, rest_port, threads=max_workers)
+        except OSError as exc:
+            registry.stop()
+            if scheduler is not None:
+                scheduler.stop()
+            raise OSError(f"cannot bind the REST port {bind_host}:{rest_port}: {exc}") from exc
     server.start()
     registry.start_polling(poll_seconds)
     if isinstance(models, (str, os.PathLike)):
         registry.watch_config_file(str(models), model_config_poll_seconds)
-    return ServerHandle(server, registry, scheduler, host, bound)
+    return ServerHandle(server, registry, scheduler, host, bound, metrics, rest)

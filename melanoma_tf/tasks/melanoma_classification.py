@@ -13,6 +13,10 @@ Every fit runs in its own folder (`fold_<k>/`, `final/`) with a per-epoch backup
 rerun after a kill continues the unfinished fit from its last finished epoch, with the early
 stopping count and best-so-far carried over, and skips fits whose `result.json` exists.
 
+The fits are independent, so a cluster runs them as parallel processes (`train --stage cls
+--fold K`, `--fold final`) and then one summary (`--summarize`); `train` without them runs the
+same three pieces in turn, in one process.
+
 Class imbalance: class weights by default (`data.imbalance`), balanced sampling as an option.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import shutil
@@ -40,6 +45,7 @@ from melanoma_tf.evaluation import tta as tta_lib
 from melanoma_tf.modeling import factory, optimization, pretrained
 
 TIMING_FILE = "timing.json"
+FINAL, FINAL_MODEL = "final", "final_model.keras"
 
 
 def build_model(params: configs.ClassificationExperiment, training: bool = True) -> keras.Model:
@@ -122,9 +128,9 @@ def fit(train: inputs.LesionSet, val: inputs.LesionSet | None, params: configs.C
         print(f"initialised {', '.join(loaded)} from {params.model.init_checkpoint}")
     adapt_normalization(model, train.images)
     ds, steps, class_weight = inputs.training_dataset(train, params)
-    steps_per_epoch = math.ceil(len(train) / params.data.batch_size)
     model.compile(
-        optimizer=optimization.build_optimizer(params.optimizer, steps_per_epoch, epochs),
+        optimizer=optimization.build_optimizer(
+            params.optimizer, steps or math.ceil(len(train) / params.data.batch_size), epochs),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.AUC(name="auc", multi_label=True, num_labels=2, label_weights=[0.0, 1.0]),
                  keras.metrics.CategoricalAccuracy(name="accuracy")])
@@ -161,38 +167,107 @@ def predict(model: keras.Model, images: np.ndarray, tta: bool = False, batch_siz
     return tta_lib.average(melanoma, images) if tta else melanoma(images)
 
 
+def params_digest(params: configs.ClassificationExperiment) -> str:
+    """Fingerprint of a run's config, stored with each fit's result: a summary pools only fits
+    trained under the same one."""
+    return hashlib.sha256(json.dumps(params.as_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_fold(data: inputs.LesionSet, params: configs.ClassificationExperiment, model_dir: Path, k: int,
+               callbacks: Sequence[keras.callbacks.Callback] = (),
+               negatives: inputs.LesionSet | None = None) -> dict:
+    """Trains (or resumes, or skips when its result.json exists) cross-validation fold k in
+    model_dir/fold_<k>/, the only folder it writes; returns its result. `negatives` (other
+    lesions as not melanoma) join the fold's training images, never its held-out ones."""
+    num_folds = params.training.folds
+    run_dir = model_dir / f"fold_{k}"
+    done = run_dir / "result.json"
+    if done.exists():
+        print(f"fold {k + 1}/{num_folds}: done before, skipped")
+        return json.loads(done.read_text())
+    train_idx, held_idx = inputs.fold_indices(data.folds, k, num_folds)
+    train, held = data.subset(train_idx), data.subset(held_idx)
+    if negatives is not None:
+        train = train.concat(negatives.subset(inputs.fold_indices(negatives.folds, k, num_folds)[0]))
+    print(f"fold {k + 1}/{num_folds}: {len(train)} training images ({train.labels.sum()} melanoma), "
+          f"{len(held)} held out ({held.labels.sum()} melanoma)")
+    model, best_epoch = fit(train, held, params, run_dir, params.training.epochs, callbacks)
+    last = predict(model, held.images, params.evaluation.tta)
+    model.load_weights(str(run_dir / "best.weights.h5"))
+    best = predict(model, held.images, params.evaluation.tta)
+    result = cross_validation.fold_result(k, train, held, best, last, best_epoch, params.evaluation.threshold)
+    result["params_digest"] = params_digest(params)
+    atomic.write_json(done, result)
+    auc = result["metrics"]["roc_auc"] if result["metrics"] else float("nan")
+    print(f"fold {k + 1}/{num_folds}: AUC {auc:.3f}, best epoch {best_epoch}")
+    keras.backend.clear_session()
+    return result
+
+
 def cross_validate(data: inputs.LesionSet, params: configs.ClassificationExperiment, model_dir: Path,
                    callbacks: Sequence[keras.callbacks.Callback] = (),
                    negatives: inputs.LesionSet | None = None) -> dict:
-    """Runs (or resumes) every fold; returns per-fold results and out-of-fold predictions.
-    `negatives` (other lesions as not melanoma) join each fold's training images, never its
-    held-out ones."""
-    num_folds, results = params.training.folds, []
-    for k in range(num_folds):
-        run_dir = model_dir / f"fold_{k}"
-        done = run_dir / "result.json"
-        if done.exists():
-            results.append(json.loads(done.read_text()))
-            print(f"fold {k + 1}/{num_folds}: done before, skipped")
+    """Runs (or resumes) every fold in turn; returns per-fold results and out-of-fold predictions."""
+    for k in range(params.training.folds):
+        train_fold(data, params, model_dir, k, callbacks, negatives)
+    return finished_folds(params, model_dir)
+
+
+class MissingFits(ValueError):
+    """A summary (or a final model that takes its epochs from the folds) found fits absent or
+    trained under another config."""
+
+
+def finished_folds(params: configs.ClassificationExperiment, model_dir: Path) -> dict:
+    """Every fold's result from disk and the pooled out-of-fold predictions; raises MissingFits
+    naming each fold that is absent or was trained with other params."""
+    results, missing, other = [], [], []
+    for k in range(params.training.folds):
+        done = model_dir / f"fold_{k}" / "result.json"
+        if not done.exists():
+            missing.append(k)
             continue
-        train_idx, held_idx = inputs.fold_indices(data.folds, k, num_folds)
-        train, held = data.subset(train_idx), data.subset(held_idx)
-        if negatives is not None:
-            train = train.concat(negatives.subset(inputs.fold_indices(negatives.folds, k, num_folds)[0]))
-        print(f"fold {k + 1}/{num_folds}: {len(train)} training images ({train.labels.sum()} melanoma), "
-              f"{len(held)} held out ({held.labels.sum()} melanoma)")
-        model, best_epoch = fit(train, held, params, run_dir, params.training.epochs, callbacks)
-        last = predict(model, held.images, params.evaluation.tta)
-        model.load_weights(str(run_dir / "best.weights.h5"))
-        best = predict(model, held.images, params.evaluation.tta)
-        result = cross_validation.fold_result(k, train, held, best, last, best_epoch, params.evaluation.threshold)
-        atomic.write_json(done, result)
-        results.append(result)
-        auc = result["metrics"]["roc_auc"] if result["metrics"] else float("nan")
-        print(f"fold {k + 1}/{num_folds}: AUC {auc:.3f}, best epoch {best_epoch}")
-        keras.backend.clear_session()
-    return {"folds": results,
-            "oof": [p | {"fold": r["fold"]} for r in results for p in r["predictions"]]}
+        result = json.loads(done.read_text())
+        (results if result.get("params_digest") == params_digest(params) else other).append(result)
+    if missing or other:
+        problems = ([f"fold {', '.join(map(str, missing))} not trained yet (--fold K)"] if missing else []) + (
+            [f"fold {', '.join(str(r['fold']) for r in other)} trained with other params"] if other else [])
+        raise MissingFits(f"{model_dir}: {'; '.join(problems)}")
+    return {"folds": results, "oof": [p | {"fold": r["fold"]} for r in results for p in r["predictions"]]}
+
+
+def final_epochs(params: configs.ClassificationExperiment, model_dir: Path) -> int:
+    """training.final_epochs, else the folds' median best epoch with early stopping (so the folds
+    must be done first), else training.epochs."""
+    t = params.training
+    if t.final_epochs:
+        return t.final_epochs
+    if t.folds and t.early_stopping_patience:
+        try:
+            best = [r["best_epoch"] for r in finished_folds(params, model_dir)["folds"]]
+        except MissingFits as e:
+            raise MissingFits(f"{e}: with early stopping the final model trains for the folds' median best "
+                              "epoch, so it comes after them (or set training.final_epochs)") from None
+        return int(math.ceil(np.median(best)))
+    return t.epochs
+
+
+def train_final(data: inputs.LesionSet, params: configs.ClassificationExperiment, model_dir: Path,
+                callbacks: Sequence[keras.callbacks.Callback] = (),
+                negatives: inputs.LesionSet | None = None) -> keras.Model:
+    """Trains (or resumes, or loads when done) the final model on the whole train split into
+    model_dir/final/ and final_model.keras."""
+    final_path = model_dir / FINAL_MODEL
+    if final_path.exists():
+        print("final model: done before, loaded")
+        return keras.models.load_model(final_path, compile=False)  # see export_classifier.load_trained
+    epochs = final_epochs(params, model_dir)
+    final_data = data if negatives is None else data.concat(negatives)
+    print(f"final model: {len(final_data)} training images, {epochs} epochs")
+    model, _ = fit(final_data, None, params, model_dir / "final", epochs, callbacks)
+    with atomic.atomic_path(final_path) as tmp:
+        model.save(tmp)
+    return model
 
 
 def prepare_model_dir(params: configs.ClassificationExperiment, model_dir: Path) -> None:
@@ -224,55 +299,39 @@ def resolve_params(experiment: str | None = None, config_files: Sequence[str] = 
     return params
 
 
-def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = None,
-          config_files: Sequence[str] = (), params_override: str | dict = "", folds: int | None = None,
-          epochs: int | None = None, callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
-    """Cross-validates, trains the final model and evaluates it on the test split.
-
-    Returns {"cv": cv_metrics or None, "test": test_metrics or None}; writes cv_metrics.json,
-    test_metrics.json (with calibration), roc_*.png, confusion_*.png, reliability_test.png,
-    predictions.csv, operating_point.json (with evaluation.target_sensitivity), final_model.keras and
-    params.yaml into model_dir. `callbacks` are added to every fit (tests, profiling).
-    """
-    params = resolve_params(experiment, config_files, params_override, folds, epochs)
-    model_dir = Path(model_dir)
-    prepare_model_dir(params, model_dir)
-    t = params.training
-    if not t.folds and not t.final_model:
-        raise ValueError("nothing to do: training.folds is 0 and training.final_model is false")
+def _read_train_split(data_dir: str | Path, params: configs.ClassificationExperiment
+                      ) -> tuple[inputs.LesionSet, inputs.LesionSet | None]:
     data = inputs.read_lesions(data_dir, "train", params.data)
     print(f"train split: {len(data)} images ({data.labels.sum()} melanoma), view {params.data.view!r}")
     negatives = None
     if params.data.other_as_negative:
         negatives = inputs.read_other_negatives(data_dir, "train", params.data)
         print(f"            and {len(negatives)} other lesions, trained on as not melanoma")
+    return data, negatives
+
+
+def summarize(data_dir: str | Path, params: configs.ClassificationExperiment, model_dir: Path) -> dict:
+    """Pools the folds' out-of-fold predictions (cv_metrics.json, the operating point the export
+    reads) and evaluates the final model on the test split; refuses (MissingFits) when a fold or
+    the final model is absent, or was trained with other params. Returns {"cv", "test"}."""
+    t = params.training
+    final_path = model_dir / FINAL_MODEL
+    cv = finished_folds(params, model_dir) if t.folds else None  # checked before anything is written
+    if t.final_model and not final_path.exists():
+        raise MissingFits(f"{model_dir}: the final model is not trained yet (--fold final)")
     out: dict = {"cv": None, "test": None}
     rows: list[dict] = []
-    best_epochs: list[int] = []
     threshold = params.evaluation.threshold
-    if t.folds:
-        cv = cross_validate(data, params, model_dir, callbacks, negatives)
+    if cv:
         out["cv"] = cross_validation.summarize_cv(cv, params, model_dir)
         rows += [p | {"split": "train"} for p in cv["oof"]]
-        best_epochs = [r["best_epoch"] for r in cv["folds"]]
         point = cross_validation.operating_point(cv, params, model_dir)
         threshold = point["threshold"] if point else threshold
     elif params.evaluation.target_sensitivity:
         print("evaluation.target_sensitivity needs cross-validation (training.folds > 0): "
               f"using evaluation.threshold {threshold}")
     if t.final_model:
-        final_path = model_dir / "final_model.keras"
-        if final_path.exists():
-            print("final model: done before, loaded")
-            model = keras.models.load_model(final_path, compile=False)  # see export_classifier.load_trained
-        else:
-            stopped_early = best_epochs and t.early_stopping_patience
-            epochs_final = t.final_epochs or (int(math.ceil(np.median(best_epochs))) if stopped_early else t.epochs)
-            final_data = data if negatives is None else data.concat(negatives)
-            print(f"final model: {len(final_data)} training images, {epochs_final} epochs")
-            model, _ = fit(final_data, None, params, model_dir / "final", epochs_final, callbacks)
-            with atomic.atomic_path(final_path) as tmp:
-                model.save(tmp)
+        model = keras.models.load_model(final_path, compile=False)  # see export_classifier.load_trained
         try:
             test = inputs.read_lesions(data_dir, "test", params.data)
         except (FileNotFoundError, ValueError) as e:
@@ -293,3 +352,41 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
             print(f"{name} ({result['n']} images): " + ", ".join(
                 f"{k} {metrics.format_ci(result['metrics'][k])}" for k in ("roc_auc", "sensitivity", "specificity")))
     return out
+
+
+def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = None,
+          config_files: Sequence[str] = (), params_override: str | dict = "", folds: int | None = None,
+          epochs: int | None = None, callbacks: Sequence[keras.callbacks.Callback] = (),
+          fit_only: int | str | None = None, summarize_only: bool = False) -> dict | None:
+    """Cross-validates, trains the final model and evaluates it on the test split; or one piece.
+
+    The three pieces are the ones a cluster runs in separate processes, and this runs them in
+    turn: every fold (`train_fold`), the final model (`train_final`), then `summarize`.
+    fit_only: K trains fold K only, 'final' the final model only (returns None);
+    summarize_only: only the summary, from fits already on disk.
+
+    Returns {"cv": cv_metrics or None, "test": test_metrics or None}; writes cv_metrics.json,
+    test_metrics.json (with calibration), roc_*.png, confusion_*.png, reliability_test.png,
+    predictions.csv, operating_point.json (with evaluation.target_sensitivity), final_model.keras and
+    params.yaml into model_dir. `callbacks` are added to every fit (tests, profiling).
+    """
+    params = resolve_params(experiment, config_files, params_override, folds, epochs)
+    model_dir = Path(model_dir)
+    prepare_model_dir(params, model_dir)
+    t = params.training
+    if not t.folds and not t.final_model:
+        raise ValueError("nothing to do: training.folds is 0 and training.final_model is false")
+    if fit_only is not None and str(fit_only) != FINAL and not 0 <= int(fit_only) < t.folds:
+        raise ValueError(f"fold {fit_only}: the run has folds 0..{t.folds - 1} (training.folds={t.folds})")
+    if fit_only == FINAL and not t.final_model:
+        raise ValueError("--fold final: training.final_model is false")
+    if summarize_only:
+        return summarize(data_dir, params, model_dir)
+    data, negatives = _read_train_split(data_dir, params)
+    if fit_only is None or str(fit_only) != FINAL:
+        for k in range(t.folds) if fit_only is None else [int(fit_only)]:
+            train_fold(data, params, model_dir, k, callbacks, negatives)
+    if t.final_model and fit_only in (None, FINAL):
+        train_final(data, params, model_dir, callbacks, negatives)
+        keras.backend.clear_session()
+    return summarize(data_dir, params, model_dir) if fit_only is None else None
