@@ -231,7 +231,8 @@ class MelanomaClient:
                  classifier_label: str | None = None, threshold: float | None = None,
                  timeout: float = 30.0, retries: int = 3, *, server_wait: float | None = None,
                  backoff: float = 0.1, max_backoff: float = 2.0, connect_timeout: float | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
         self.target = channel_target(target)
         self.threshold = threshold
         self.timeout = timeout
@@ -246,10 +247,14 @@ class MelanomaClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),
+            # gRPC retries only a call whose request fits this buffer (256 KiB by default, A6):
+            # a full-size dermoscopy JPEG is larger, so size it to the largest request we send.
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
             ("grpc.service_config", service_config(retries, backoff, max_backoff)),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", int(max_backoff * 1000)),
+            *channel_options,  # any other gRPC channel argument
         ])
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._closed = threading.Event()

@@ -12,9 +12,12 @@ on another.  While no server is ready (down or restarting), a request waits up t
 `--server-wait` seconds before its image is recorded as failed; at the start, no server
 answering within `--connect-timeout` seconds stops the run.  Images that fail
 (unreadable, undecodable, rejected) are written with their error and the run goes on;
-`--retry-failed` drops those rows and scores them again.  Exit status: 0 when every
-input image has a result without error, 1 otherwise (also when no server answers),
-2 for usage errors.
+`--retry-failed` drops those rows and scores them again.
+
+Exit status (EXIT_* below): 0 every input image has a result without error; 1 the run finished
+but some images have an error row (0 with `--allow-image-errors`, e.g. in a Kubernetes Job,
+which then ends Complete); 2 usage error; 3 no server answered within `--connect-timeout`
+(nothing was scored: retry later).
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ FSYNC_EVERY_SECONDS = 5.0
 
 log = logging.getLogger("melanoma_tf.score")
 
+EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_NO_SERVER = 0, 1, 2, 3
+
 
 class UsageError(Exception):
-    """Bad input or output arguments (exit status 2)."""
+    """Bad input or output arguments (EXIT_USAGE)."""
 
 
 def _one_line(text: str) -> str:
@@ -127,6 +132,7 @@ def result_row(result, path: Path) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m melanoma_tf.score",
                                      description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[-1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", action="append", default=None,
                         help="gRPC server host:port, a DNS name of several, or a comma-separated list; "
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--segmenter-label", default=None)
     parser.add_argument("--classifier-version", type=int, default=None)
     parser.add_argument("--classifier-label", default=None)
+    parser.add_argument("--allow-image-errors", action="store_true",
+                        help="exit 0 when the run finished with per-image errors (listed in the CSV)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         existing = load_existing(args.output)
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.retry_failed:
         failed = {image_id for image_id, row in existing.items() if row["error"]}
         if failed:
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             connect_timeout=args.connect_timeout)
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_NO_SERVER
     new_failed = 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a", newline="") as handle, client:
@@ -228,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     old_failed = sum(1 for image_id, row in existing.items() if image_id in paths and row["error"])
     print(f"scored {len(todo)} images ({new_failed} failed); "
           f"{old_failed} earlier failures kept in {args.output}", file=sys.stderr)
-    return 1 if new_failed or old_failed else 0
+    if not (new_failed or old_failed) or args.allow_image_errors:
+        return EXIT_OK
+    return EXIT_IMAGE_ERRORS
 
 
 def _with_error(result, message: str):

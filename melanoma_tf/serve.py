@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="accept new labels for versions that are not loaded (as TF Serving)")
     parser.add_argument("--max-message-mb", type=int, default=256,
                         help="max gRPC send/receive message size in MiB")
+    parser.add_argument("--grpc-channel-arguments", default="", metavar="grpc.NAME=VALUE,...",
+                        help="gRPC server arguments, as TF Serving's --grpc_channel_arguments, e.g. "
+                             "grpc.max_connection_age_ms=60000,grpc.max_connection_age_grace_ms=30000 "
+                             "so that clients re-resolve and find new replicas")
     parser.add_argument("--grace-seconds", type=float, default=30.0,
                         help="on SIGTERM/SIGINT, how long in-flight requests may finish")
     parser.add_argument("--log-level", default="INFO")
@@ -55,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from melanoma_tf.serving.server import channel_arguments, start_server
+
     try:
         path_map = parse_path_map(args.model_base_path_map)
+        channel_arguments(args.grpc_channel_arguments)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    from melanoma_tf.serving.server import start_server
 
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         enable_warmup=not args.no_warmup,
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
-        rest_port=args.rest_api_port or None, monitoring_config=args.monitoring_config_file)
+        rest_port=args.rest_api_port or None, monitoring_config=args.monitoring_config_file,
+        grpc_channel_arguments=args.grpc_channel_arguments)
     print(f"Serving TF Serving gRPC API on {handle.target}", flush=True)
     if handle.rest_port is not None:
         print(f"Serving TF Serving REST API on http://{handle.host}:{handle.rest_port}", flush=True)

@@ -221,6 +221,9 @@ def test_test_time_augmentation_is_invariant_to_the_symmetries_it_averages():
     params = task.resolve_params(params_override={"data": {"input_size": 99}})
     keras.utils.set_random_seed(0)
     model = task.build_model(params, training=False)
+    head = [layer for layer in model.layers if layer.get_weights()][-1]  # zeros at init: give it weights
+    kernel, bias = head.get_weights()
+    head.set_weights([np.random.default_rng(1).normal(0, 1e-3, kernel.shape).astype(np.float32), bias])
     images = np.random.default_rng(0).integers(110, 146, (4, 99, 99, 3), dtype=np.uint8)
     plain = task.predict(model, images, tta=True)
     np.testing.assert_allclose(task.predict(model, np.rot90(images, 1, axes=(1, 2)).copy(), tta=True), plain, atol=1e-5)

@@ -13,6 +13,7 @@ import yaml
 
 from melanoma_tf import contract
 from melanoma_tf.client import channel_target
+from melanoma_tf.serving.server import channel_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "serving" / "kubernetes"
@@ -41,10 +42,15 @@ def test_serving_replicas_behind_a_headless_service() -> None:
     container = pod["spec"]["containers"][0]
     major, minor = tf.__version__.split(".")[:2]
     assert re.fullmatch(rf"tensorflow/serving:{major}\.{minor}\.\d+", container["image"])
-    compose = (ROOT / "serving" / "docker-compose.yml").read_text()
-    assert container["image"] in compose
-    for arg in container["args"]:  # the same server flags as the Docker deployment
-        assert arg in compose, arg
+    compose = yaml.safe_load((ROOT / "serving" / "docker-compose.yml").read_text())["services"]["tf-serving"]
+    assert container["image"] == compose["image"]
+    assert container["command"] == compose["entrypoint"] and container["args"] == compose["command"]
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in container["args"] if "=" in arg)
+    cpus = container["resources"]["limits"]["cpu"]  # thread pools sized to the pod, not the node
+    assert flags["tensorflow_intra_op_parallelism"] == flags["tensorflow_inter_op_parallelism"] == cpus
+    assert str(compose["cpus"]) == cpus
+    channel = dict(channel_arguments(flags["grpc_channel_arguments"]))  # parsed as the embedded server does
+    assert 0 < channel["grpc.max_connection_age_ms"] <= 300_000 and channel["grpc.max_connection_age_grace_ms"] > 0
     probed = {container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe")}
     assert probed == {f"/v1/models/{m}/metadata" for m in (contract.SEGMENTER, contract.CLASSIFIER)}
 
@@ -141,3 +147,87 @@ def test_classifier_fits_run_as_an_indexed_job_then_one_summary_exports(tmp_path
                 for v in summary["spec"]["template"]["spec"]["volumes"]}
     assert s_claims[mounts["/models"]] == claims["models"]  # exported where the replicas read
     assert str(exported.export_dir).startswith("/models/") and exported.export_dir.name == contract.CLASSIFIER
+
+
+def _manifests() -> dict[str, list[dict]]:
+    return {path.name: [d for d in yaml.safe_load_all(path.read_text()) if d]
+            for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"}
+
+
+def test_every_manifest_validates_against_the_kubernetes_api_schemas() -> None:
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    for name, docs in _manifests().items():
+        for doc in docs:
+            try:  # strict: a misspelt or misplaced field fails too
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(f"{name} {doc['kind']}/{doc['metadata']['name']}: {exc.message}") from None
+
+
+def _pods(doc: dict) -> dict | None:
+    spec = doc["spec"]
+    return spec if doc["kind"] == "Pod" else spec.get("template", {}).get("spec")
+
+
+def test_one_versioned_project_image_named_in_the_kustomization_and_applied_step_by_step() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = _manifests()
+    assert sorted(kustomization["resources"]) == sorted(manifests)
+    (image,) = kustomization["images"]
+    setup_version = re.search(r"^version = (\S+)", (ROOT / "setup.cfg").read_text(), re.M).group(1)
+    assert image["newTag"] == setup_version
+    components = set()
+    for name, docs in manifests.items():
+        for doc in docs:
+            components.add(doc["metadata"]["labels"]["app.kubernetes.io/component"])
+            pod = _pods(doc)
+            for container in (pod or {}).get("containers", []):
+                repository, tag = container["image"].rsplit(":", 1)
+                assert tag != "latest", f"{name}: a :latest image is pulled on every start"
+                if not repository.startswith("tensorflow/serving"):
+                    assert repository == image["name"] and tag == setup_version, (name, container["image"])
+                    assert container["imagePullPolicy"] == "IfNotPresent"  # an image loaded into a local cluster
+    documented = set(re.findall(r"(?:component|\$K)=([\w-]+)", (ROOT / "docs" / "cluster.md").read_text()))
+    assert components == documented, "docs/cluster.md applies every step, and only those"
+
+
+def test_shared_claims_exist_with_the_access_mode_their_pods_need() -> None:
+    claims = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in _manifests()["storage.yaml"]
+              if d["kind"] == "PersistentVolumeClaim"}
+    writers, readers = {}, {}
+    for name, docs in _manifests().items():
+        for doc in docs:
+            pod = _pods(doc)
+            if not pod or doc["metadata"]["name"] == "melanoma-volumes":
+                continue
+            volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+                       for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+            pods = doc["spec"].get("parallelism", doc["spec"].get("replicas", 1))
+            for container in pod["containers"]:
+                for mount in container.get("volumeMounts", []):
+                    if mount["name"] in volumes:
+                        claim = volumes[mount["name"]]
+                        assert claim in claims, f"{name}: claim {claim} is not in storage.yaml"
+                        side = readers if mount.get("readOnly") else writers
+                        side[claim] = side.get(claim, 0) + pods
+    for claim, modes in claims.items():
+        shared = writers.get(claim, 0) + readers.get(claim, 0) > 1
+        if shared and writers.get(claim):
+            assert "ReadWriteMany" in modes, (claim, modes)
+        elif shared:
+            assert {"ReadWriteMany", "ReadOnlyMany"} & set(modes), (claim, modes)
+
+
+def test_scoring_waits_for_the_replicas_and_completes_with_per_image_errors() -> None:
+    from melanoma_tf import score
+
+    container = _load("serving.yaml")["Deployment/melanoma-serving"]["spec"]["template"]["spec"]["containers"][0]
+    startup = container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"]
+    job = _load("score-job.yaml")["Job/melanoma-score"]
+    args = score.build_parser().parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert args.connect_timeout >= startup >= 600  # the Job outwaits the slowest replica start
+    assert args.allow_image_errors and job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    training = _load("train-job.yaml")["Service/melanoma-train"]
+    assert training["spec"]["publishNotReadyAddresses"] is True  # workers resolve each other while starting

@@ -51,7 +51,10 @@ def test_targets() -> None:
 
 def test_requests_spread_over_replicas_and_survive_one_dying(exports: Path, tmp_path: Path) -> None:
     first, second = _replica(exports), _replica(exports)
-    images = fakes.write_images(tmp_path / "in", 40, size=24)
+    # Requests over gRPC's default per-call retry buffer (256 KiB), like full-size dermoscopy JPEGs:
+    # gRPC retries such a call only if the client sized the buffer for it.
+    images = fakes.write_images(tmp_path / "in", 40, size=360)
+    assert min(p.stat().st_size for p in images) > 256 * 1024
     results, served_before = [], None
     try:
         with MelanomaClient([first.target, second.target], connect_timeout=10, timeout=30) as client:
@@ -83,10 +86,11 @@ def test_a_server_that_does_not_answer_is_named_within_the_connect_timeout(expor
 def test_score_cli_server_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     fakes.write_images(tmp_path / "in", 2, size=16)
     args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "scores.csv"), "--no-progress"]
-    assert score.main(["--server", " ", *args]) == 2
+    assert score.main(["--server", " ", *args]) == score.EXIT_USAGE == 2
     assert "no server address" in capsys.readouterr().err
     dead = f"127.0.0.1:{fakes.free_port()}"
-    assert score.main(["--server", dead, "--connect-timeout", "1", *args]) == 1
+    # Told apart from a run that finished with failed images (1), with or without --allow-image-errors.
+    assert score.main(["--server", dead, "--connect-timeout", "1", "--allow-image-errors", *args]) == 3
     assert dead in capsys.readouterr().err
     assert not (tmp_path / "scores.csv").exists()
 
@@ -104,3 +108,61 @@ def test_score_cli_spreads_over_listed_servers(exports: Path, tmp_path: Path) ->
     assert code == 0 and min(served) > 0, served
     rows = (tmp_path / "scores.csv").read_text().splitlines()[1:]
     assert sorted(row.split(",")[0] for row in rows) == sorted(p.stem for p in images)
+
+
+class _Zone:
+    """A DNS server on loopback (dnslib) whose one name's A records the test changes, as
+    Kubernetes changes a headless Service's records when replicas come and go."""
+
+    def __init__(self, *addresses: str) -> None:
+        from dnslib import QTYPE, RR, A
+        from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+        zone = self
+        self.addresses = list(addresses)
+
+        class Resolver(BaseResolver):
+            def resolve(self, request, handler):
+                reply = request.reply()
+                if QTYPE[request.q.qtype] == "A":
+                    for address in zone.addresses:
+                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=1))
+                return reply
+
+        self.server = DNSServer(Resolver(), port=0, address="127.0.0.1", logger=DNSLogger("-request,-reply"))
+        self.server.start_thread()
+        self.authority = f"127.0.0.1:{self.server.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def test_a_replica_started_after_the_client_gets_requests_once_connections_age_out(exports: Path) -> None:
+    """gRPC re-resolves a name only when a connection ends (grpc/grpc#12295); the servers' maximum
+    connection age (proposal A9, TF Serving's --grpc_channel_arguments) makes it end."""
+    port, zone = fakes.free_port(), _Zone("127.0.0.1")
+    aging = "grpc.max_connection_age_ms=500,grpc.max_connection_age_grace_ms=5000"
+    models = {name: exports / name for name in (fakes.SEGMENTER, fakes.CLASSIFIER)}
+    counted = {"max_batch_size": 4, "batch_timeout_micros": 1000, "num_batch_threads": 1}  # _requests counts batches
+    first = start_server(models, port=port, poll_seconds=0, enable_warmup=False, grpc_channel_arguments=aging,
+                         batching_parameters=counted)
+    late = None
+    image = fakes.encode_png(fakes.lesion_image(24, 24))
+    try:
+        with MelanomaClient(f"dns://{zone.authority}/replicas.test:{port}", connect_timeout=10, timeout=30,
+                            channel_options=[("grpc.dns_min_time_between_resolutions_ms", 200)]) as client:
+            assert all(client.predict(image).ok for _ in range(3)) and _requests(first) > 0
+            # A second replica on another address, same name and port: a scaled-up Deployment.
+            late = start_server(models, port=port, host="127.0.0.2", poll_seconds=0, enable_warmup=False,
+                                grpc_channel_arguments=aging, batching_parameters=counted)
+            zone.addresses.append("127.0.0.2")
+            deadline = time.monotonic() + 30
+            while _requests(late) == 0 and time.monotonic() < deadline:
+                assert client.predict(image).ok
+                time.sleep(0.05)
+        assert _requests(late) > 0, "the client never used the replica started after it"
+    finally:
+        zone.stop()
+        first.stop()
+        if late is not None:
+            late.stop()

@@ -160,6 +160,17 @@ class ServerHandle:
         self.stop()
 
 
+def channel_arguments(text: str) -> list[tuple[str, int | str]]:
+    """TF Serving's --grpc_channel_arguments "k=v,k=v" as gRPC server options, numbers as ints."""
+    arguments = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("grpc."):
+            raise ValueError(f"grpc channel argument {item!r}: expected grpc.NAME=VALUE")
+        arguments.append((key, int(value) if value.lstrip("-").isdigit() else value))
+    return arguments
+
+
 def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
                  batching_parameters: Any = None, path_map: PathMap | None = None,
                  poll_seconds: float = 1.0, model_config_poll_seconds: float = 0.0,
@@ -167,13 +178,14 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
                  allow_version_labels_for_unavailable_models: bool = False,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  max_workers: int | None = None, rest_port: int | None = None,
-                 monitoring_config: Any = None) -> ServerHandle:
+                 monitoring_config: Any = None, grpc_channel_arguments: str = "") -> ServerHandle:
     """Load the configured models and serve them over gRPC; port 0 picks a free port.
 
     `rest_port` also serves TF Serving's REST API there (0 picks a free port; None: no REST),
     with bodies up to `max_message_bytes`, like gRPC messages. `monitoring_config` (a
     monitoring.config path or a parsed `MonitoringConfig`) with Prometheus enabled adds the
-    metrics page at its path on the REST port.
+    metrics page at its path on the REST port. `grpc_channel_arguments` is TF Serving's
+    --grpc_channel_arguments, e.g. "grpc.max_connection_age_ms=60000" (`channel_arguments`).
 
     `models` is a models.config path, a `ModelServerConfig`, or a dict name -> base path
     (latest version policy).  `batching_parameters` is None (no batching, like TF
@@ -202,7 +214,7 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", 0), *channel_arguments(grpc_channel_arguments)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(registry, metrics), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
