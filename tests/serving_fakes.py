@@ -279,3 +279,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def labelled_config(exports: Path):
+    """A ModelServerConfig for `exports`: the segmenter's latest version, and every classifier
+    version with labels stable -> 1 and canary -> 2."""
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    segmenter = config.model_config_list.config.add(
+        name=SEGMENTER, base_path=str(exports / SEGMENTER), model_platform="tensorflow")
+    segmenter.model_version_policy.latest.num_versions = 1
+    classifier = config.model_config_list.config.add(
+        name=CLASSIFIER, base_path=str(exports / CLASSIFIER), model_platform="tensorflow")
+    classifier.model_version_policy.all.SetInParent()
+    classifier.version_labels["stable"] = 1
+    classifier.version_labels["canary"] = 2
+    return config

@@ -16,7 +16,6 @@ import yaml
 from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
-from tensorflow_serving.config import model_server_config_pb2
 
 from melanoma_tf import contract
 from melanoma_tf.serving.server import start_server
@@ -28,23 +27,11 @@ MONITORING = ROOT / "serving" / "monitoring.config"
 METRICS_PATH = "/monitoring/prometheus/metrics"
 
 
-def _config(exports: Path) -> model_server_config_pb2.ModelServerConfig:
-    config = model_server_config_pb2.ModelServerConfig()
-    config.model_config_list.config.add(name=fakes.SEGMENTER, base_path=str(exports / fakes.SEGMENTER),
-                                        model_platform="tensorflow")
-    classifier = config.model_config_list.config.add(name=fakes.CLASSIFIER, base_path=str(exports / fakes.CLASSIFIER),
-                                                      model_platform="tensorflow")
-    classifier.model_version_policy.all.SetInParent()
-    classifier.version_labels["stable"] = 1
-    classifier.version_labels["canary"] = 2
-    return config
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     exports = fakes.copy_exports(tmp_path_factory.mktemp("rest") / "exports")
     fakes.build_classifier(exports / fakes.CLASSIFIER / "2", bias=0.25)
-    handle = start_server(_config(exports), rest_port=0, monitoring_config=str(MONITORING),
+    handle = start_server(fakes.labelled_config(exports), rest_port=0, monitoring_config=str(MONITORING),
                           max_message_bytes=8 << 20, poll_seconds=0)
     yield handle
     handle.stop()

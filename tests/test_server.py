@@ -34,20 +34,6 @@ BATCHING = {"max_batch_size": 8, "batch_timeout_micros": 100_000, "num_batch_thr
             "max_enqueued_batches": 16}
 
 
-def _config(exports: Path) -> model_server_config_pb2.ModelServerConfig:
-    config = model_server_config_pb2.ModelServerConfig()
-    segmenter = config.model_config_list.config.add(
-        name=fakes.SEGMENTER, base_path=str(exports / fakes.SEGMENTER), model_platform="tensorflow")
-    segmenter.model_version_policy.latest.num_versions = 1
-    classifier = config.model_config_list.config.add(
-        name=fakes.CLASSIFIER, base_path=str(exports / fakes.CLASSIFIER),
-        model_platform="tensorflow")
-    classifier.model_version_policy.all.SetInParent()
-    classifier.version_labels["stable"] = 1
-    classifier.version_labels["canary"] = 2
-    return config
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = fakes.copy_exports(tmp_path_factory.mktemp("server") / "exports")
@@ -57,7 +43,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(exports: Path):
-    handle = start_server(_config(exports), batching_parameters=BATCHING, poll_seconds=0.3)
+    handle = start_server(fakes.labelled_config(exports), batching_parameters=BATCHING, poll_seconds=0.3)
     yield handle
     handle.stop()
 
@@ -339,7 +325,7 @@ def test_new_version_is_served_without_restart(server, predict, model_service, e
 
 
 def test_reload_config(server, model_service, exports) -> None:
-    config = _config(exports)
+    config = fakes.labelled_config(exports)
     config.model_config_list.config[1].version_labels["canary"] = 5
     request = model_management_pb2.ReloadConfigRequest(config=config)
     with pytest.raises(grpc.RpcError) as info:
@@ -353,7 +339,7 @@ def test_reload_config(server, model_service, exports) -> None:
     assert response.status.error_code == 0
     assert server.registry.describe()[1]["labels"] == {"stable": 1, "canary": 1}
     model_service.HandleReloadConfigRequest(
-        model_management_pb2.ReloadConfigRequest(config=_config(exports)), timeout=30)
+        model_management_pb2.ReloadConfigRequest(config=fakes.labelled_config(exports)), timeout=30)
     assert server.registry.describe()[1]["labels"] == {"stable": 1, "canary": 2}
 
 
