@@ -31,7 +31,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from melanoma_tf import atomic, tfrecords
+from melanoma_tf import atomic, storage, tfrecords
 from melanoma_tf.data import images, isic
 
 SHARD_TARGET_BYTES = 100 * 2**20  # TF's performance guide: shards of 100 MB or more
@@ -78,7 +78,7 @@ def build(data_dir: Path | str | Sequence[Path | str], output_dir: Path | str, *
     whose images are the test split, and every image of data_dir trains (`test_data_dir` rule);
     an image id in both is an error.
     """
-    data_dirs, output_dir = _as_dirs(data_dir), Path(output_dir)
+    data_dirs, output_dir = _as_dirs(data_dir), storage.path(output_dir)
     items, download, problems = isic.read_downloads(data_dirs, include_other)
     if strict and problems:
         raise images.BadInput(problems[0].path, problems[0].reason)
@@ -200,7 +200,7 @@ def print_summary(manifest: dict, output_dir: Path) -> None:
         labels = ", ".join(f"{k} {v}" for k, v in c.items() if k not in ("total", "with_mask"))
         print(f"{split}: {c['total']} images ({labels}), {c['with_mask']} with a mask")
     if manifest["problems"] or manifest["conversions"]:
-        with open(output_dir / "build_report.csv", newline="") as f:
+        with (output_dir / "build_report.csv").open(newline="") as f:
             for row in csv.DictReader(f):
                 print(f"  {row['action']}: {row['path']}: {row['reason']}")
     print(f"{manifest['problems']} skipped, {manifest['conversions']} converted; "
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                              "stratified test split, the others train)")
     parser.add_argument("--test-data-dir", type=Path, default=None,
                         help="a separate labelled folder that is the test split (e.g. ISIC 2017 Test_v2)")
-    parser.add_argument("--output-dir", required=True, type=Path, help="e.g. tfrecords/isic2017")
+    parser.add_argument("--output-dir", required=True, type=storage.path,
+                        help="e.g. tfrecords/isic2017, or a bucket (gs://b/records)")
     parser.add_argument("--split", choices=tfrecords.SPLIT_RULES, default="auto",
                         help="test split: the challenge's official test set when the download has a labelled "
                              "one (auto, official), or a stratified --test-fraction of everything")

@@ -45,7 +45,6 @@ import socket
 import threading
 import time
 from concurrent import futures
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import grpc
@@ -53,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
+from melanoma_tf import storage
 from melanoma_tf.contract import (
     ARRAY_SIGNATURE,
     BYTES_SIGNATURE,
@@ -66,7 +66,7 @@ from melanoma_tf.contract import (
     STATUS_TOO_LARGE,
 )
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+ImageInput = Union[str, os.PathLike, storage.GfilePath, bytes, bytearray, memoryview, np.ndarray]
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
@@ -146,8 +146,8 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 def default_image_id(image: ImageInput) -> str | None:
     """A path's file stem (ISIC ids are file stems); None for bytes and arrays."""
-    if isinstance(image, (str, os.PathLike)):
-        return Path(image).stem
+    if isinstance(image, (str, os.PathLike, storage.GfilePath)):
+        return storage.path(image).stem
     return None
 
 
@@ -367,8 +367,8 @@ class MelanomaClient:
             _model_spec(request.model_spec, name, ARRAY_SIGNATURE, version, label)
             request.inputs["images"].CopyFrom(tf.make_tensor_proto(_as_rgb(image)[None]))
             return request
-        if isinstance(image, (str, os.PathLike)):
-            data = Path(image).read_bytes()
+        if isinstance(image, (str, os.PathLike, storage.GfilePath)):
+            data = storage.path(image).read_bytes()
         elif isinstance(image, (bytes, bytearray, memoryview)):
             data = bytes(image)
         else:

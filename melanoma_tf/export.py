@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from melanoma_tf import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("seg", "cls"), required=True)
-    p.add_argument("--model-dir", type=Path, required=True, help="the training run's folder")
-    p.add_argument("--export-dir", type=Path, required=True,
-                   help=".../<model name>/<version>, or .../<model name> with --next-version")
+    p.add_argument("--model-dir", type=storage.path, required=True, help="the training run's folder")
+    p.add_argument("--export-dir", type=storage.path, required=True,
+                   help=".../<model name>/<version>, or .../<model name> with --next-version; "
+                        "may be a bucket (gs://b/models/<model name>) that TF Serving reads")
     p.add_argument("--next-version", action="store_true",
                    help="export into the version after every one in --export-dir (e.g. from a cluster Job)")
     p.add_argument("--checkpoint", default=None, help="default: the latest in --model-dir")
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.next_version:
         from melanoma_tf.serving import versions
 
-        args.export_dir = Path(versions.next_version(str(args.export_dir)))
+        args.export_dir = storage.path(versions.next_version(str(args.export_dir)))
     if not args.export_dir.name.isdigit():
         print(f"error: {args.export_dir}: TF Serving needs a numeric version folder, "
               "e.g. exports/lesion_segmenter/1", file=sys.stderr)

@@ -12,7 +12,9 @@ on another.  While no server is ready (down or restarting), a request waits up t
 `--server-wait` seconds before its image is recorded as failed; at the start, no server
 answering within `--connect-timeout` seconds stops the run.  Images that fail
 (unreadable, undecodable, rejected) are written with their error and the run goes on;
-`--retry-failed` drops those rows and scores them again.
+`--retry-failed` drops those rows and scores them again. `--input`, `--output` and `--masks-dir`
+may be bucket URLs (gs://): an output there is uploaded whole every few seconds rather than
+flushed per line, so a killed run loses at most those seconds' rows.
 
 Exit status (EXIT_* below): 0 every input image has a result without error; 1 the run finished
 but some images have an error row (0 with `--allow-image-errors`, e.g. in a Kubernetes Job,
@@ -31,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from melanoma_tf import atomic, contract
+from melanoma_tf import atomic, contract, storage
 from melanoma_tf.data import images
 
 COLUMNS = ["image_id", "path", "melanoma_probability", "is_melanoma", "lesion_score", "box",
@@ -72,7 +74,7 @@ def discover_images(input_path: Path, recursive: bool = False) -> list[tuple[str
                 raise UsageError(f"{input_path}: needs an 'image_path' or 'path' column")
             items = []
             for row in reader:
-                path = Path(row[column])
+                path = storage.path(row[column])
                 if not path.is_absolute():
                     path = input_path.parent / path
                 image_id = (row.get("image_id") or "").strip() or path.stem
@@ -85,13 +87,11 @@ def load_existing(output: Path) -> dict[str, dict[str, str]]:
     """Rows already in `output` by image id; truncates a partial last line first."""
     if not output.exists():
         return {}
-    with output.open("rb+") as handle:
-        data = handle.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a partial last line left by an interrupted run", output)
-            handle.truncate(keep)
-            data = data[:keep]
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        log.warning("%s: dropping a partial last line left by an interrupted run", output)
+        atomic.write_bytes(output, data)
     if not data:
         return {}
     lines = data.decode("utf-8").splitlines()
@@ -112,7 +112,13 @@ def rewrite_without(output: Path, drop: set[str]) -> None:
         writer = csv.DictWriter(handle, COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        handle.flush()
+        _sync(handle)
+
+
+def _sync(handle) -> None:
+    """Flushes to disk; a bucket's file (GFile) uploads what was written."""
+    handle.flush()
+    if hasattr(handle, "fileno"):
         os.fsync(handle.fileno())
 
 
@@ -137,11 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", action="append", default=None,
                         help="gRPC server host:port, a DNS name of several, or a comma-separated list; "
                              "repeatable (default localhost:8500)")
-    parser.add_argument("--input", required=True, type=Path, help="image folder or CSV")
-    parser.add_argument("--output", required=True, type=Path, help="scores CSV (appended/resumed)")
+    parser.add_argument("--input", required=True, type=storage.path, help="image folder or CSV")
+    parser.add_argument("--output", required=True, type=storage.path, help="scores CSV (appended/resumed)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="images in flight (about 2x the server's max_batch_size / threads)")
-    parser.add_argument("--masks-dir", type=Path, default=None,
+    parser.add_argument("--masks-dir", type=storage.path, default=None,
                         help="write <image_id>_segmentation.png masks here")
     parser.add_argument("--threshold", type=float, default=None,
                         help="melanoma decision threshold (default: the classifier's served operating point)")
@@ -206,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_SERVER
     new_failed = 0
+    flush_each_row = not storage.is_url(args.output)  # a bucket re-uploads the whole file per flush
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a", newline="") as handle, client:
         writer = csv.writer(handle, lineterminator="\n")
-        if handle.tell() == 0:
+        if not existing and not (args.output.exists() and args.output.stat().st_size):
             writer.writerow(COLUMNS)
             handle.flush()
         last_sync = time.monotonic()
@@ -225,14 +232,15 @@ def main(argv: list[str] | None = None) -> int:
             if result.error is not None:
                 new_failed += 1
             writer.writerow(result_row(result, path))
-            handle.flush()
+            if flush_each_row:
+                handle.flush()
             if time.monotonic() - last_sync > FSYNC_EVERY_SECONDS:
-                os.fsync(handle.fileno())
+                _sync(handle)
                 last_sync = time.monotonic()
             progress.update(1)
             progress.set_postfix(failed=new_failed, refresh=False)
         progress.close()
-        os.fsync(handle.fileno())
+        _sync(handle)
     old_failed = sum(1 for image_id, row in existing.items() if image_id in paths and row["error"])
     print(f"scored {len(todo)} images ({new_failed} failed); "
           f"{old_failed} earlier failures kept in {args.output}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from melanoma_tf import storage
 from melanoma_tf.data import isic
 
 FORMAT_VERSION = 1
@@ -143,7 +144,7 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 def split_pattern(output_dir: Path | str, split: str, with_nomask: bool = True) -> str:
     """Glob of a split's shards: Mask R-CNN reads `train-*`, the classifier `train*`."""
-    return str(Path(output_dir) / (f"{split}*.tfrecord" if with_nomask else f"{split}-*.tfrecord"))
+    return str(storage.path(output_dir) / (f"{split}*.tfrecord" if with_nomask else f"{split}-*.tfrecord"))
 
 
 class ShardedWriter:
@@ -153,7 +154,7 @@ class ShardedWriter:
     complete; `close()` deletes the files again when nothing was written.
     """
 
-    def __init__(self, output_dir: Path, split: str, count: int):
+    def __init__(self, output_dir: Path | storage.GfilePath, split: str, count: int):
         self.paths = [output_dir / shard_name(split, i, count) for i in range(count)]
         self._writers = [tf.io.TFRecordWriter(str(p)) for p in self.paths]
         self._next = 0

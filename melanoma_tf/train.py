@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from melanoma_tf import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("seg", "cls"), required=True)
-    p.add_argument("--data-dir", type=Path, required=True, help="folder made by build_tfrecords")
-    p.add_argument("--model-dir", type=Path, required=True, help="checkpoints, summaries, results")
+    p.add_argument("--data-dir", type=storage.path, required=True,
+                   help="folder made by build_tfrecords (or a bucket: gs://b/records)")
+    p.add_argument("--model-dir", type=storage.path, required=True, help="checkpoints, summaries, results")
     p.add_argument("--experiment", default=None, help="registered experiment (default per stage)")
     p.add_argument("--config-file", action="append", default=[], help="YAML override, repeatable")
     p.add_argument("--params-override", default="", help="e.g. task.model.input_size=[256,256,3]")

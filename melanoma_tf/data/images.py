@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from melanoma_tf import atomic
+from melanoma_tf import atomic, storage
 from melanoma_tf.data.isic import LesionItem, Problem
 
 # Decompression-bomb protection stays on, but dermoscopy originals reach ~40 MP.
@@ -124,12 +124,12 @@ def resized_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def write_mask(masks_dir: Path, image_id: str, mask: np.ndarray) -> Path:
+def write_mask(masks_dir: Path | storage.GfilePath, image_id: str, mask: np.ndarray) -> Path | storage.GfilePath:
     """`<image_id>_segmentation.png` (0/255, the ISIC submission format), written atomically."""
-    target = masks_dir / f"{image_id}_segmentation.png"
+    target = storage.path(masks_dir) / f"{image_id}_segmentation.png"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(target) as temporary:
-        Image.fromarray((mask > 0).astype(np.uint8) * 255).save(temporary, format="PNG")
+    with atomic.atomic_file(target, "wb") as handle:
+        Image.fromarray((mask > 0).astype(np.uint8) * 255).save(handle, format="PNG")
     return target
 
 

@@ -25,6 +25,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from melanoma_tf import atomic, storage
 from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 
 METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "precision", "balanced_accuracy",
@@ -127,6 +128,13 @@ def _figure(size=(4.5, 4.5)):
     return Figure(figsize=size, dpi=120)
 
 
+def _save(fig, path: str | Path) -> Path:
+    """PNG, written atomically, locally or into a bucket."""
+    with atomic.atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    return storage.path(path)
+
+
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
     """One ROC curve per entry {name: (y_true, score)} on shared axes, with the chance line."""
     fig = _figure()
@@ -137,8 +145,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Pa
     ax.set(title=title, xlabel="1 - specificity", ylabel="sensitivity")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_confusion(y_true: np.ndarray, score: np.ndarray, path: str | Path, threshold: float = 0.5,
@@ -152,8 +159,7 @@ def plot_confusion(y_true: np.ndarray, score: np.ndarray, path: str | Path, thre
                                             colorbar=False, cmap="Blues")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_reliability(y_true: np.ndarray, score: np.ndarray, path: str | Path, title: str = "", bins: int = 10) -> Path:
@@ -164,8 +170,7 @@ def plot_reliability(y_true: np.ndarray, score: np.ndarray, path: str | Path, ti
                                         name=f"Brier {brier_score_loss(np.asarray(y_true).astype(int), score):.3f}")
     ax.set(title=title, xlabel="predicted melanoma probability", ylabel="fraction melanoma")
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def format_ci(entry: Mapping[str, float | list[float]]) -> str:

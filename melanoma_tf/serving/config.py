@@ -17,6 +17,7 @@ from typing import Any, Mapping, Union
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from melanoma_tf import storage
 from melanoma_tf.serving.config_protos import BatchingParameters, MonitoringConfig
 
 ModelsSpec = Union[str, os.PathLike, model_server_config_pb2.ModelServerConfig, Mapping[str, Any]]
@@ -56,7 +57,7 @@ def parse_path_map(items: list[str] | None) -> dict[str, str]:
         src, sep, dst = item.partition("=")
         if not sep or not src or not dst:
             raise ValueError(f"expected SRC=DST for a base path mapping, got {item!r}")
-        mapping[src.rstrip("/") or "/"] = os.path.abspath(dst)
+        mapping[src.rstrip("/") or "/"] = dst if storage.is_url(dst) else os.path.abspath(dst)
     return mapping
 
 

@@ -22,7 +22,6 @@ augmentation layers (identities at inference anyway).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -31,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from official.core import export_base
 
-from melanoma_tf import contract
+from melanoma_tf import contract, storage
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.modeling import factory
@@ -76,7 +75,7 @@ class ClassifierModule(export_base.ExportModule):
 
 def decision_threshold(model_dir: str | Path, params: configs.ClassificationExperiment) -> float:
     """The run's operating point if it chose one, else evaluation.threshold."""
-    point = Path(model_dir) / metrics.OPERATING_POINT_FILE
+    point = storage.path(model_dir) / metrics.OPERATING_POINT_FILE
     return float(json.loads(point.read_text())["threshold"]) if point.is_file() else params.evaluation.threshold
 
 
@@ -87,9 +86,9 @@ def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
     checkpoint: default `final_model.keras`; also any `.keras` model or `.weights.h5` file of the
     run (e.g. `fold_0/best.weights.h5`).
     """
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)
     params = configs.load_config(model_dir / "params.yaml")
-    path = Path(checkpoint) if checkpoint else model_dir / "final_model.keras"
+    path = storage.path(checkpoint) if checkpoint else model_dir / "final_model.keras"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained classifier (train it first, or pass --checkpoint)")
     if path.name.endswith(".weights.h5"):
@@ -98,7 +97,7 @@ def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
     else:
         # compile=False: Keras 3.15 cannot rebuild the saved AUC(label_weights) metric, and
         # inference needs no optimizer or metrics anyway.
-        trained = keras.models.load_model(path, compile=False)
+        trained = keras.models.load_model(str(path), compile=False)
     return params, factory.inference_model(trained, params)
 
 
@@ -110,7 +109,7 @@ def warmup_images(batch: int = 2) -> np.ndarray:
 def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Writes the SavedModel (+ warm-up requests and the run's params.yaml in assets.extra) into a
     temporary sibling folder and renames it to export_dir, so TF Serving never sees half a version."""
-    export_dir = Path(export_dir)
+    export_dir, model_dir = storage.path(export_dir), storage.path(model_dir)
     with versions.writing_version(export_dir) as tmp:
         params, model = load_trained(model_dir, checkpoint)
         module = ClassifierModule(params, model, decision_threshold(model_dir, params))
@@ -119,6 +118,6 @@ def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path
         warmup.write_warmup_requests(tmp, export_dir.parent.name or contract.CLASSIFIER,
                                      {contract.MASKED_IMAGE: warmup_images()}, SIGNATURE)
         for name in ("params.yaml", metrics.OPERATING_POINT_FILE):
-            if (Path(model_dir) / name).is_file():
-                shutil.copy(Path(model_dir) / name, tmp / "assets.extra" / name)
+            if (model_dir / name).is_file():
+                tf.io.gfile.copy(str(model_dir / name), str(tmp / "assets.extra" / name))
     return export_dir

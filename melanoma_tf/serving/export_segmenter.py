@@ -31,7 +31,7 @@ from official.modeling import hyperparams
 from official.vision.ops import spatial_transform_ops
 from official.vision.serving import detection
 
-from melanoma_tf import contract, masking
+from melanoma_tf import contract, masking, storage
 from melanoma_tf.configs import segmentation as seg_cfg  # noqa: F401  (registers configs)
 from melanoma_tf.serving import image_header, versions, warmup
 
@@ -164,7 +164,7 @@ def _warmup_image(size: int = 128) -> bytes:
 def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None = None) -> Path:
     """Writes a SavedModel of the checkpoint (default: latest in model_dir) to `export_dir`
     (a numeric version folder), atomically, with TF Serving warm-up requests."""
-    model_dir, export_dir = Path(model_dir), Path(export_dir)
+    model_dir, export_dir = storage.path(model_dir), storage.path(export_dir)
     with versions.writing_version(export_dir) as tmp:
         params = read_params(model_dir)
         checkpoint = checkpoint or tf.train.latest_checkpoint(str(model_dir))

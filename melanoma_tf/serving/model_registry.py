@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -68,13 +69,14 @@ class _Model:
 def _fingerprint(path: str) -> tuple:
     """Changes whenever a file of the version folder is added, grown or rewritten."""
     items = []
-    for file in sorted(Path(path).rglob("*")):
-        try:
-            stat = file.stat()
-        except OSError:
-            continue
-        items.append((str(file), stat.st_size, stat.st_mtime_ns))
-    return tuple(items)
+    for top, _, names in tf.io.gfile.walk(path):  # a folder or a bucket
+        for name in names:
+            try:
+                stat = tf.io.gfile.stat(os.path.join(top, name))
+            except tf.errors.OpError:
+                continue
+            items.append((os.path.join(top, name), stat.length, stat.mtime_nsec))
+    return tuple(sorted(items))
 
 
 def _aspired(config: model_server_config_pb2.ModelConfig, on_disk: set[int]) -> set[int]:
@@ -148,7 +150,7 @@ class ModelRegistry:
                         self._models[name].config = model_config
                     else:
                         base_path = map_base_path(model_config.base_path, self._path_map)
-                        if not os.path.isdir(base_path):
+                        if not tf.io.gfile.isdir(base_path):
                             log.warning("model %s: base path %s does not exist (yet)", name,
                                         base_path)
                         self._models[name] = _Model(model_config, base_path)

@@ -34,11 +34,11 @@ def read_signature_defs(path: str) -> dict[str, meta_graph_pb2.SignatureDef]:
     """The SignatureDefs of the `serve` MetaGraph, as stored in saved_model.pb."""
     saved_model = saved_model_pb2.SavedModel()
     binary = os.path.join(path, "saved_model.pb")
-    if os.path.exists(binary):
-        with open(binary, "rb") as handle:
+    if tf.io.gfile.exists(binary):  # tf.io.gfile: a folder or a bucket, as TF Serving reads
+        with tf.io.gfile.GFile(binary, "rb") as handle:
             saved_model.ParseFromString(handle.read())
     else:
-        with open(os.path.join(path, "saved_model.pbtxt")) as handle:
+        with tf.io.gfile.GFile(os.path.join(path, "saved_model.pbtxt")) as handle:
             text_format.Parse(handle.read(), saved_model)
     graphs = list(saved_model.meta_graphs)
     serve = [g for g in graphs if "serve" in g.meta_info_def.tags] or graphs
@@ -106,7 +106,7 @@ class Servable:
     def warmup(self) -> int:
         """Replay assets.extra/tf_serving_warmup_requests like `--enable_model_warmup`."""
         path = os.path.join(self.path, WARMUP_FILE)
-        if not os.path.exists(path):
+        if not tf.io.gfile.exists(path):
             return 0
         replayed = 0
         for record in tf.data.TFRecordDataset(path):

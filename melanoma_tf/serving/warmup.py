@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from melanoma_tf import contract
+from melanoma_tf import contract, storage
 
 WARMUP_FILE = Path(contract.WARMUP_FILE)
 
@@ -26,7 +26,7 @@ def write_warmup_requests(export_dir: Path | str, model_name: str, inputs: dict[
     for key, value in inputs.items():
         request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-    path = Path(export_dir) / WARMUP_FILE
+    path = storage.path(export_dir) / WARMUP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
         for _ in range(repeats):
@@ -35,7 +35,7 @@ def write_warmup_requests(export_dir: Path | str, model_name: str, inputs: dict[
 
 
 def read_warmup_requests(export_dir: Path | str) -> list[predict_pb2.PredictRequest]:
-    path = Path(export_dir) / WARMUP_FILE
+    path = storage.path(export_dir) / WARMUP_FILE
     if not path.is_file():
         return []
     return [prediction_log_pb2.PredictionLog.FromString(r.numpy()).predict_log.request

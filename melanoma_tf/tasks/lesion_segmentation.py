@@ -25,7 +25,7 @@ from official.modeling import hyperparams, performance
 from official.vision.dataloaders import input_reader, input_reader_factory, tf_example_decoder
 from official.vision.tasks import maskrcnn
 
-from melanoma_tf import atomic, tfrecords
+from melanoma_tf import atomic, storage, tfrecords
 from melanoma_tf.configs import segmentation as seg_cfg
 from melanoma_tf.dataloaders import maskrcnn_input
 from melanoma_tf.evaluation import segmentation as seg_metrics
@@ -100,8 +100,8 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
         if self._logging_dir:  # the latest evaluation, for people and scripts to read
             scalars = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
             scalars["step"] = int(tf.convert_to_tensor(global_step)) if global_step is not None else -1
-            atomic.write_json(Path(self._logging_dir) / EVAL_METRICS_FILE, scalars, sort_keys=True)
-            atomic.write_json(Path(self._logging_dir) / EVAL_PER_IMAGE_FILE,
+            atomic.write_json(storage.path(self._logging_dir) / EVAL_METRICS_FILE, scalars, sort_keys=True)
+            atomic.write_json(storage.path(self._logging_dir) / EVAL_PER_IMAGE_FILE,
                               {"step": scalars["step"], "images": self._lesion_per_image})
         return logs
 
@@ -120,7 +120,7 @@ def build_experiment(experiment: str | None, data_dir: Path | str | None,
     with `train_steps`, a schedule that ends there (`configs.segmentation.with_train_steps`)."""
     params = exp_factory.get_exp_config(experiment or seg_cfg.PAPER_EXPERIMENT)
     if data_dir is not None:
-        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+        manifest = json.loads((storage.path(data_dir) / "manifest.json").read_text())
         params.task.train_data.input_path = tfrecords.split_pattern(data_dir, "train", with_nomask=False)
         params.task.validation_data.input_path = tfrecords.split_pattern(data_dir, "test", with_nomask=False)
         params.task.validation_data.num_examples = manifest["counts"]["test"]["with_mask"]
@@ -210,7 +210,7 @@ def train(data_dir, model_dir, experiment=None, config_files=(), params_override
     """`python -m melanoma_tf.train --stage seg` lands here (train_steps: see build_experiment)."""
     params = build_experiment(experiment, data_dir, config_files, params_override, train_steps)
     run(params, model_dir, mode)
-    metrics_file = Path(model_dir, EVAL_METRICS_FILE)
+    metrics_file = storage.path(model_dir) / EVAL_METRICS_FILE
     single_worker = params.runtime.distribution_strategy != "multi_worker_mirrored"
     if mode == "train_and_eval" and not metrics_file.is_file() and single_worker:
         # Orbit evaluates only inside its training loop, so a run restarted after its last

@@ -27,7 +27,6 @@ import csv
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from melanoma_tf import atomic
+from melanoma_tf import atomic, storage
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.evaluation import classification as metrics
@@ -64,6 +63,16 @@ def adapt_normalization(model: keras.Model, images: np.ndarray) -> None:
         model.get_layer("descriptors_normalization").adapt(pixels.map(model.get_layer("lesion_descriptors")))
 
 
+class CSVLogger(keras.callbacks.CSVLogger):
+    """Keras's CSVLogger; its on_train_end reads `file.closed`, which the GFile it opens for a
+    bucket path lacks (Keras 3.15), so a fit into gs:// would fail after its last epoch."""
+
+    def on_train_end(self, logs=None):
+        if self.csv_file:
+            self.csv_file.close()
+        self.csv_file, self.writer = None, None
+
+
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping that carries on the count of a killed fit: Keras resets it in
     on_train_begin, so the finished epochs' values are replayed through on_epoch_end."""
@@ -84,8 +93,7 @@ def _resume_state(run_dir: Path) -> list[dict]:
     history = run_dir / "history.csv"
     if not backup_meta.exists():
         for stale in ("history.csv", "best.weights.h5", "logs", "backup", TIMING_FILE):
-            path = run_dir / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            storage.remove(run_dir / stale)
         return []
     done = json.loads(backup_meta.read_text())["epoch"]
     rows = list(csv.DictReader(history.open())) if history.exists() else []
@@ -135,7 +143,7 @@ def fit(train: inputs.LesionSet, val: inputs.LesionSet | None, params: configs.C
         metrics=[keras.metrics.AUC(name="auc", multi_label=True, num_labels=2, label_weights=[0.0, 1.0]),
                  keras.metrics.CategoricalAccuracy(name="accuracy")])
     best_path = run_dir / "best.weights.h5"
-    cbs: list[keras.callbacks.Callback] = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True)]
+    cbs: list[keras.callbacks.Callback] = [CSVLogger(str(run_dir / "history.csv"), append=True)]
     val_ds = None
     if val is not None:
         val_ds = inputs.validation_dataset(val, params.data.batch_size)
@@ -260,13 +268,13 @@ def train_final(data: inputs.LesionSet, params: configs.ClassificationExperiment
     final_path = model_dir / FINAL_MODEL
     if final_path.exists():
         print("final model: done before, loaded")
-        return keras.models.load_model(final_path, compile=False)  # see export_classifier.load_trained
+        return keras.models.load_model(str(final_path), compile=False)  # see export_classifier.load_trained
     epochs = final_epochs(params, model_dir)
     final_data = data if negatives is None else data.concat(negatives)
     print(f"final model: {len(final_data)} training images, {epochs} epochs")
     model, _ = fit(final_data, None, params, model_dir / "final", epochs, callbacks)
     with atomic.atomic_path(final_path) as tmp:
-        model.save(tmp)
+        model.save(str(tmp))
     return model
 
 
@@ -280,7 +288,7 @@ def prepare_model_dir(params: configs.ClassificationExperiment, model_dir: Path)
                              "use another --model-dir or delete it")
         return
     with atomic.atomic_path(saved) as tmp:
-        configs.save_config(params, tmp)
+        configs.save_config(params, str(tmp))
 
 
 def resolve_params(experiment: str | None = None, config_files: Sequence[str] = (), params_override: str | dict = "",
@@ -331,7 +339,7 @@ def summarize(data_dir: str | Path, params: configs.ClassificationExperiment, mo
         print("evaluation.target_sensitivity needs cross-validation (training.folds > 0): "
               f"using evaluation.threshold {threshold}")
     if t.final_model:
-        model = keras.models.load_model(final_path, compile=False)  # see export_classifier.load_trained
+        model = keras.models.load_model(str(final_path), compile=False)  # see export_classifier.load_trained
         try:
             test = inputs.read_lesions(data_dir, "test", params.data)
         except (FileNotFoundError, ValueError) as e:
@@ -371,7 +379,7 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
     params.yaml into model_dir. `callbacks` are added to every fit (tests, profiling).
     """
     params = resolve_params(experiment, config_files, params_override, folds, epochs)
-    model_dir = Path(model_dir)
+    model_dir = storage.path(model_dir)
     prepare_model_dir(params, model_dir)
     t = params.training
     if not t.folds and not t.final_model:
