@@ -15,8 +15,10 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from melanoma_tf import build_tfrecords, contract, export, score, storage, train
+from melanoma_tf.configs import EXPERIMENTS_DIR
 from melanoma_tf.serving import export_classifier, versions, warmup
 from melanoma_tf.serving.server import start_server
+from melanoma_tf.tasks import lesion_segmentation
 
 import serving_fakes as fakes
 
@@ -38,15 +40,25 @@ def no_local_writes(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_records_training_run_and_export_round_trip_through_a_bucket(synthetic_dir, tmp_path_factory, capsys):
-    records, run, models = f"{BUCKET}/records", f"{BUCKET}/runs/cls", f"{BUCKET}/models/melanoma_classifier"
+@pytest.fixture(scope="module")
+def bucket_records(synthetic_dir) -> str:
+    records = f"{BUCKET}/records"
     assert build_tfrecords.main(["--data-dir", str(synthetic_dir), "--output-dir", records, "--folds", "2",
                                  "--num-workers", "1"]) == 0
-    manifest = json.loads(tf.io.gfile.GFile(f"{records}/manifest.json").read())
-    shards = [name for name in _files(records) if name.endswith(".tfrecord")]
+    return records
+
+
+def test_records_are_built_into_a_bucket(bucket_records):
+    manifest = json.loads(storage.path(f"{bucket_records}/manifest.json").read_text())
+    shards = [name for name in _files(bucket_records) if name.endswith(".tfrecord")]
     assert sorted(shards) == sorted(n for names in manifest["shards"].values() for n in names)
-    assert sum(1 for _ in tf.data.TFRecordDataset([f"{records}/{n}" for n in shards])) == 40
-    assert _files(BUCKET) == sorted(f"records/{n}" for n in _files(records))  # no temporary left beside it
+    assert sum(1 for _ in tf.data.TFRecordDataset([f"{bucket_records}/{n}" for n in shards])) == 40
+    assert not [n for n in tf.io.gfile.listdir(BUCKET) if ".tmp-" in n]  # no temporary left beside it
+
+
+def test_a_classifier_run_and_its_exports_round_trip_through_a_bucket(bucket_records, tmp_path_factory, capsys):
+    records, run, models = bucket_records, f"{BUCKET}/runs/cls", f"{BUCKET}/models/melanoma_classifier"
+    manifest = json.loads(storage.path(f"{records}/manifest.json").read_text())
 
     # Two folds, the final model and the summary, all into the bucket; a rerun finds them done.
     flags = ["--stage", "cls", "--data-dir", records, "--model-dir", run, "--config-file", "cls_tiny_test.yaml"]
@@ -92,6 +104,21 @@ def test_records_training_run_and_export_round_trip_through_a_bucket(synthetic_d
     assert reply.model_spec.version.value == 2
     np.testing.assert_allclose(tf.make_ndarray(reply.outputs["melanoma_probability"]),
                                local_out["melanoma_probability"], atol=1e-6)
+
+
+def test_a_segmenter_run_and_its_export_round_trip_through_a_bucket(bucket_records):
+    run, version = f"{BUCKET}/runs/seg", f"{BUCKET}/models/lesion_segmenter/1"
+    assert train.main(["--stage", "seg", "--data-dir", bucket_records, "--model-dir", run,
+                       "--config-file", str(EXPERIMENTS_DIR / "seg_tiny_test.yaml")]) == 0
+    assert tf.train.latest_checkpoint(run).endswith("ckpt-4")
+    metrics = json.loads(storage.path(f"{run}/{lesion_segmentation.EVAL_METRICS_FILE}").read_text())
+    assert metrics["step"] == 4 and metrics["lesion_num_images"] > 0
+    assert {"params.yaml", lesion_segmentation.EVAL_PER_IMAGE_FILE} <= set(_files(run))
+    assert export.main(["--stage", "seg", "--model-dir", run, "--export-dir", version]) == 0
+    (request,) = warmup.read_warmup_requests(version)
+    out = tf.saved_model.load(version).signatures["serving_default"](
+        image_bytes=tf.constant(tf.make_ndarray(request.inputs["image_bytes"])))
+    assert out["status"].numpy()[0] in (0, 1)
 
 
 def test_scoring_reads_images_and_writes_scores_and_masks_in_a_bucket(tmp_path_factory):

@@ -8,8 +8,11 @@ dermoscopy augmentation, and evaluation adds per-image lesion metrics at full re
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,20 @@ EVAL_PER_IMAGE_FILE = "eval_per_image.json"  # lesion metrics by record source_i
 @task_factory.register_task_cls(seg_cfg.LesionSegmentationTask)
 class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
     """Mask R-CNN for one lesion per image."""
+
+    def _build_coco_metrics(self):
+        # Model Garden writes the COCO ground truth (annotation.json) into the model dir, and its
+        # COCOEvaluator copies it to local disk for pycocotools from gs:// only: another bucket
+        # (s3://, ram://) would be opened as a local path. Keep the file on local disk there.
+        logging_dir = self._logging_dir
+        if not (logging_dir and storage.is_url(logging_dir) and not str(logging_dir).startswith("gs://")):
+            return super()._build_coco_metrics()
+        self._logging_dir = tempfile.mkdtemp(prefix="melanoma-coco-")
+        atexit.register(shutil.rmtree, self._logging_dir, ignore_errors=True)
+        try:
+            return super()._build_coco_metrics()
+        finally:
+            self._logging_dir = logging_dir
 
     def build_inputs(self, params: seg_cfg.LesionDataConfig, input_context=None, dataset_fn=None):
         model = self.task_config.model
