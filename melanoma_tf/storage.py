@@ -35,7 +35,7 @@ def path(p: str | os.PathLike | GfilePath) -> Path | GfilePath:
 
 
 class GfilePath:
-    """`scheme://bucket/key` with pathlib's names, backed by _gfile()."""
+    """`scheme://bucket/key` with pathlib's names, backed by tf.io.gfile."""
 
     def __init__(self, url: str):
         scheme, _, rest = url.partition("://")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -164,3 +165,19 @@ def test_a_folder_lands_in_a_bucket_with_its_commit_marker_last(monkeypatch):
     assert _files(f"{BUCKET}/move") == ["1/assets.extra/warmup", "1/fingerprint.pb", "1/saved_model.pb",
                                         "1/variables/variables.index"]
     assert storage.path(f"{dst}/assets.extra/warmup").read_text() == "assets.extra/warmup"
+
+
+def test_a_bucket_path_behaves_like_a_pathlib_path():
+    p = storage.path(f"{BUCKET}/names//a/scan.v2.jpg")
+    assert (str(p), p.name, p.stem, p.suffix) == (f"{BUCKET}/names/a/scan.v2.jpg", "scan.v2.jpg", "scan.v2", ".jpg")
+    assert p.parent == storage.path(f"{BUCKET}/names/a/") and p.with_suffix(".png").name == "scan.v2.png"
+    assert p.relative_to(storage.path(f"{BUCKET}/names")).as_posix() == "a/scan.v2.jpg"
+    assert storage.path("runs/x") == Path("runs/x")  # local paths stay pathlib's
+    for name in ("a/1.png", "a/b/2.png", "3.png", "a/notes.txt"):
+        storage.path(f"{BUCKET}/names/{name}").parent.mkdir(parents=True, exist_ok=True)
+        storage.path(f"{BUCKET}/names/{name}").write_bytes(b"x")
+    root = storage.path(f"{BUCKET}/names")
+    assert [q.name for q in root.glob("*.png")] == ["3.png"]
+    assert sorted(q.relative_to(root).as_posix() for q in root.glob("**/*.png")) == ["3.png", "a/1.png", "a/b/2.png"]
+    with pytest.raises(TypeError):  # never a local file named "ram:/..."
+        open(p, "wb")
