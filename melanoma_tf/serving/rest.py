@@ -272,5 +272,7 @@ class RestServer:
         from waitress import wasyncore
 
         self._server.task_dispatcher.shutdown()
-        wasyncore.close_all(self._server._map)  # ends the serving loop
+        # Closed from the serving loop's own thread, which then ends: closing the sockets from
+        # here raced its select() (EBADF in the loop thread).
+        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._server._map))
         self._thread.join(timeout)
