@@ -1,5 +1,5 @@
 """What the test images a segmenter scores worst share: lesion size, frame contact, contrast, hair,
-dark dermoscope frame, and the sample's image-quality tag.
+dark dermoscope frame, calibration stickers or ink, and the sample's image-quality tag.
 
     python benchmarks/worst_segmentations.py \
         --result benchmarks/results/segmentation-cpu_cascade-60min-v2-ham.json --records tfrecords/isic-sample
@@ -42,9 +42,14 @@ def attributes(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     # DullRazor's hair detector: thin dark lines stand out in a black-hat transform.
     size = max(9, round(min(gray.shape) / 25)) | 1
     blackhat = cv2.morphologyEx(gray, cv2.MORPH_BLACKHAT, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    # Colour-calibration stickers and skin-marker ink: strongly saturated, or blue to purple,
+    # which neither skin nor pigment is.
+    hue, saturation, _ = cv2.split(cv2.cvtColor(image, cv2.COLOR_RGB2HSV))
+    marker = ((saturation > 170) | ((hue > 100) & (hue < 165) & (saturation > 60))) & ~lesion
     return {"lesion_area_fraction": float(lesion.mean()), "frame_contact": float(border.mean()),
             "contrast": float(contrast), "hair_fraction": float((blackhat > 15).mean()),
-            "dark_frame_fraction": float(((gray <= 30) & ~lesion).mean())}
+            "dark_frame_fraction": float(((gray <= 30) & ~lesion).mean()),
+            "sticker_or_ink_fraction": float(marker.mean())}
 
 
 def test_images(records: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
