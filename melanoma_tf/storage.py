@@ -27,6 +27,11 @@ def is_url(p: str | os.PathLike | GfilePath) -> bool:
     return isinstance(p, GfilePath) or "://" in str(p)
 
 
+def absolute(p: str) -> str:
+    """A local path made absolute against the cwd; a URL as it is."""
+    return p if is_url(p) else os.path.abspath(p)
+
+
 def path(p: str | os.PathLike | GfilePath) -> Path | GfilePath:
     """The argparse `type` and the conversion for every path a user may point at a bucket."""
     if isinstance(p, (Path, GfilePath)):

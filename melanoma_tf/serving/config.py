@@ -57,7 +57,7 @@ def parse_path_map(items: list[str] | None) -> dict[str, str]:
         src, sep, dst = item.partition("=")
         if not sep or not src or not dst:
             raise ValueError(f"expected SRC=DST for a base path mapping, got {item!r}")
-        mapping[src.rstrip("/") or "/"] = dst if storage.is_url(dst) else os.path.abspath(dst)
+        mapping[src.rstrip("/") or "/"] = storage.absolute(dst)
     return mapping
 
 

@@ -199,7 +199,7 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
     options: BatchingOptions | None = batching_options_from(batching_parameters)
     metrics = ServingMetrics()
     scheduler = SharedBatchScheduler(options, metrics.batch) if options is not None else None
-    mapped = {src: dst if storage.is_url(dst) else os.path.abspath(dst) for src, dst in (path_map or {}).items()}
+    mapped = {src: storage.absolute(dst) for src, dst in (path_map or {}).items()}
     registry = ModelRegistry(scheduler, mapped, enable_warmup,
                              allow_version_labels_for_unavailable_models, metrics)
     try:
