@@ -14,15 +14,20 @@ from melanoma_tf import evaluate
 from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 
 
-def by_image_quality(rows: list[dict], data_dir: Path) -> dict:
-    """Mean Jaccard and the paired difference to Otsu per image quality, from rows with
-    image_id, jaccard and otsu_jaccard; {} when the sample tags no quality."""
+def quality_tags(data_dir: Path) -> dict[str, str]:
+    """Each image's quality tag ('full', 'sq256-unsquashed'); {} when the sample tags none."""
     labels = data_dir / "labels.csv"
     if not labels.is_file():
         return {}
     with labels.open() as f:
-        quality = {r["image_id"]: m.group(1) for r in csv.DictReader(f)
-                   if (m := re.search(r"img:([^|]+)", r.get("source", "")))}
+        return {r["image_id"]: m.group(1) for r in csv.DictReader(f)
+                if (m := re.search(r"img:([^|]+)", r.get("source", "")))}
+
+
+def by_image_quality(rows: list[dict], data_dir: Path) -> dict:
+    """Mean Jaccard and the paired difference to Otsu per image quality, from rows with
+    image_id, jaccard and otsu_jaccard; {} when the sample tags no quality."""
+    quality = quality_tags(data_dir)
     out = {}
     for name in sorted(set(quality.values())):
         scored = [r for r in rows if r["jaccard"] is not None and quality.get(r["image_id"]) == name]

@@ -25,6 +25,8 @@ from scipy.stats import spearmanr
 from melanoma_tf import atomic, tfrecords
 from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 
+from sample_quality import quality_tags
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SAMPLE = HERE.parent.parent / "shared/data/isic-sample"
@@ -59,18 +61,6 @@ def test_images(records: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         ex = tfrecords.parse_lesion(raw)
         out[ex["image_id"].numpy().decode()] = (ex["image"].numpy(), ex["mask"].numpy())
     return out
-
-
-def quality_tags(data_dir: Path) -> dict[str, str]:
-    import csv
-    import re
-
-    labels = data_dir / "labels.csv"
-    if not labels.is_file():
-        return {}
-    with labels.open() as f:
-        return {r["image_id"]: m.group(1) for r in csv.DictReader(f)
-                if (m := re.search(r"img:([^|]+)", r.get("source", "")))}
 
 
 def summarize(rows: list[dict], worst_fraction: float = 0.1) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import shutil
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -186,8 +187,6 @@ def remove(p: Path | GfilePath) -> None:
         except tf.errors.NotFoundError:
             pass
     elif p.is_dir() and not p.is_symlink():
-        import shutil
-
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
