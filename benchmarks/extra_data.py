@@ -47,8 +47,8 @@ VARIANTS = {
     "E": {"downloads": ["isic-sample"], "others": False, "override": ""},
     "H": {"downloads": ["isic-sample", "ham10000-sample"], "others": False, "override": "data.epoch_images=2400"},
     "HO": {"downloads": ["isic-sample", "ham10000-sample"], "others": True, "override": "data.epoch_images=2400"},
-    "HB": {"downloads": ["isic-sample", "ham10000-sample"], "others": False, "override": "data.epoch_images=2400",
-           "balance_downloads": True},
+    "HB": {"downloads": ["isic-sample", "ham10000-sample"], "others": False,
+           "override": "data.epoch_images=2400,data.balance_downloads=true"},
 }
 
 
@@ -83,10 +83,6 @@ def run_variant(name: str, records: Path, manifest: dict, run_root: Path) -> dic
         others = _keep(inputs.read_other_negatives(records, "train", params.data), from_download)
         train = train.concat(others.subset(np.flatnonzero(others.folds != VALIDATION_FOLD)))
     v2 = {i for i, r in manifest["images"].items() if r["download"] == "isic-sample"}
-    if spec.get("balance_downloads"):
-        is_v2 = np.isin(train.image_ids, list(v2))
-        copies = round((~is_v2).sum() / is_v2.sum())
-        train = train.subset(np.concatenate([np.flatnonzero(~is_v2)] + [np.flatnonzero(is_v2)] * copies))
     val = _keep(train_all.subset(np.flatnonzero(train_all.folds == VALIDATION_FOLD)), v2)
     run_dir = run_root / name
     print(f"{name}: {len(train)} training images ({train.labels.sum()} melanoma), {len(val)} validation (v2 fold 0)")

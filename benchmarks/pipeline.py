@@ -1,6 +1,6 @@
 """The whole pipeline on real ISIC images, within a stated CPU budget, scored on their test split.
 
-    python benchmarks/pipeline.py --data-dir ../shared/data/isic-sample \
+    python benchmarks/pipeline.py --data-dir ../shared/data/isic-sample [--data-dir ../shared/data/ham10000-sample] \
         [--profile cpu] [--seg-from benchmarks/.runs/segmentation-cpu-60min] [--cls-from RUN]
 
 Runs `melanoma_tf.pipeline` (records -> segmentation -> classifier -> export -> embedded server ->
@@ -12,7 +12,9 @@ The `cpu` profile's segmenter is the 60-minute run of benchmarks/segmentation.py
 same steps, same split): --seg-from copies that run's checkpoints into the work dir so the
 pipeline resumes at its last step instead of training the same network a second time.
 --cls-from does the same for the classifier's cross-validated run of benchmarks/classification.py.
-Results: benchmarks/results/pipeline-<data>-<profile>.json, the report in the work dir.
+Several --data-dir folders build into one set of records whose test split is the first folder's
+(`build_tfrecords`). Results: benchmarks/results/pipeline-<data>[+<data>...]-<profile>.json, the
+report in the work dir.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from melanoma_tf import evaluate, pipeline, report
 
@@ -56,9 +60,42 @@ def seed_classifier(cls_from: Path, cls_dir: Path) -> None:
     params.write_text(re.sub(r"(?m)^(\s+verbose:) \d+$", r"\1 1", params.read_text()))
 
 
+def score_keratoses(data_dir: Path, work: Path, rows: list[dict]) -> dict:
+    """Melanoma against nevus + seborrheic keratosis (ISIC 2017 Part 3) through the served chain:
+    the first folder's test-split keratoses, found in a build of it with --include-other (whose
+    melanoma/nevus test split is the pipeline's, checked), scored by the pipeline's exported
+    models, beside the pipeline's own melanoma/nevus predictions."""
+    from melanoma_tf import build_tfrecords
+    from melanoma_tf.contract import CLASSIFIER, SEGMENTER
+    from melanoma_tf.data import isic
+    from melanoma_tf.evaluation import classification as metrics
+
+    cache = ROOT / "benchmarks" / ".cache" / f"{data_dir.resolve().name}-with-other"
+    if not (cache / "manifest.json").is_file():
+        build_tfrecords.build(data_dir, cache, include_other=True, num_workers=2, progress=False)
+    test = {i: r["label"] for i, r in json.loads((cache / "manifest.json").read_text())["images"].items()
+            if r["split"] == "test"}
+    if {i for i, label in test.items() if label != "other"} != {r["image_id"] for r in rows}:
+        raise SystemExit(f"{cache}: its melanoma/nevus test split is not the pipeline's; not comparable")
+    keratoses = sorted(i for i, label in test.items() if label == "other")
+    paths = {it.image_id: it.image_path for it in isic.read_downloads([data_dir], include_other=True)[0]}
+    with evaluate.serve_in_process(work / "exports" / SEGMENTER, work / "exports" / CLASSIFIER) as client:
+        scored = list(client.predict_many([(i, paths[i]) for i in keratoses], concurrency=4))
+    if any(r.error for r in scored):
+        raise SystemExit(f"keratoses not scored: {[r.error for r in scored if r.error][:3]}")
+    sk = [0.0 if r.status == "no_lesion" else r.melanoma_probability for r in scored]  # as evaluate scores them
+    answered = [r for r in rows if r["score"] is not None]
+    y = np.array([r["melanoma"] for r in answered] + [0] * len(sk))
+    score = np.array([r["score"] for r in answered] + sk)
+    threshold = scored[0].threshold
+    return {"images": len(y), "keratoses": len(sk), "threshold": threshold,
+            "metrics": metrics.metrics_with_ci(y, score, threshold)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
+    p.add_argument("--data-dir", type=Path, action="append", default=None,
+                   help="download folder, repeat to add folders (default ../shared/data/isic-sample)")
     p.add_argument("--profile", choices=sorted(pipeline.PROFILES), default="cpu")
     p.add_argument("--work-dir", type=Path, default=None, help="default benchmarks/.runs/pipeline-<data>-<profile>")
     p.add_argument("--seg-from", type=Path, default=None,
@@ -66,28 +103,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cls-from", type=Path, default=None,
                    help="a finished classifier run (benchmarks/classification.py) with this profile's settings")
     args = p.parse_args(argv)
-    name = f"pipeline-{args.data_dir.resolve().name}-{args.profile}"
+    data_dirs = args.data_dir or [ROOT.parent / "shared/data/isic-sample"]
+    name = f"pipeline-{'+'.join(d.resolve().name for d in data_dirs)}-{args.profile}"
     work = args.work_dir or ROOT / "benchmarks" / ".runs" / name
     if args.seg_from:
         seed_segmentation(args.seg_from, work / "runs" / "seg")
     if args.cls_from:
         seed_classifier(args.cls_from, work / "runs" / "cls")
     start = time.time()
-    pipeline.run(args.data_dir, work, args.profile)
+    pipeline.run(data_dirs[0] if len(data_dirs) == 1 else data_dirs, work, args.profile)
     metrics = json.loads((work / "report" / "metrics.json").read_text())
-    rows = [r for r in report.read_predictions(work / "report" / "predictions.csv") if r["jaccard"] is not None]
+    rows_all = report.read_predictions(work / "report" / "predictions.csv")
+    rows = [r for r in rows_all if r["jaccard"] is not None]
     steps = {m.stem: json.loads(m.read_text())["seconds"] for m in (work / ".steps").glob("*.json")}
-    result = {"data_dir": os.path.relpath(args.data_dir, ROOT), "profile": args.profile,
+    result = {"data_dir": [os.path.relpath(d, ROOT) for d in data_dirs] if len(data_dirs) > 1
+              else os.path.relpath(data_dirs[0], ROOT), "profile": args.profile,
               "settings": pipeline.PROFILES[args.profile].__dict__,
               "seg_from": os.path.relpath(args.seg_from, ROOT) if args.seg_from else "",
               "cls_from": os.path.relpath(args.cls_from, ROOT) if args.cls_from else "",
               "wall_minutes_this_run": round((time.time() - start) / 60, 1), "step_seconds": steps,
+              # what each step took when it ran (a rerun skips finished steps and keeps these)
+              "pipeline_minutes": round(sum(steps.values()) / 60, 1),
               "counts": metrics["counts"], "segmentation": metrics["segmentation"],
               "segmentation_otsu": metrics["segmentation_otsu"],
               "jaccard_minus_otsu": metrics.get("jaccard_minus_otsu") or evaluate.jaccard_minus_otsu(rows),
-              "segmentation_by_image_quality": by_image_quality(rows, args.data_dir),
+              "segmentation_by_image_quality": by_image_quality(rows, data_dirs[0]),
               "classification": metrics["classification"],
               "classification_at_0.5": metrics.get("classification_at_0.5"),
+              "calibration": metrics.get("calibration"),
+              "melanoma_vs_nevus_and_sk": score_keratoses(data_dirs[0], work, rows_all),
               "paper": report.PAPER, "report": os.path.relpath(work / "report" / "index.html", ROOT)}
     baseline = RESULTS / "classification-v2.json"
     if baseline.is_file():
@@ -96,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
 
     seg, otsu, cls = result["segmentation"], result["segmentation_otsu"], result["classification"] or {}
-    print(f"\n{metrics['counts']['images']} test images of {args.data_dir}")
+    print(f"\n{metrics['counts']['images']} test images of {data_dirs[0]}")
     for key in ("jaccard", "threshold_jaccard", "dice", "detection_rate", "segmentation_precision"):
         print(f"segmentation {key:24s} model {seg[key]['value']:.3f} {seg[key]['ci95']}   "
               f"Otsu {otsu[key]['value']:.3f}")

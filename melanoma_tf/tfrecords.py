@@ -113,13 +113,14 @@ _LESION_FEATURES = {
     "image/lesion/fold": tf.io.FixedLenFeature((), tf.int64, -1),
     "image/lesion/has_mask": tf.io.FixedLenFeature((), tf.int64, 0),
     "image/lesion/mask_source": tf.io.FixedLenFeature((), tf.string, ""),
+    "image/lesion/download": tf.io.FixedLenFeature((), tf.string, ""),
     "image/object/mask": tf.io.VarLenFeature(tf.string),
 }
 
 
 def parse_lesion(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """Decodes a record for the classifier: uint8 image [H, W, 3], 0/1 uint8 mask [H, W]
-    (all ones when the record has no mask), label, fold, image id."""
+    (all ones when the record has no mask), label, fold, image id, download folder."""
     p = tf.io.parse_single_example(serialized, _LESION_FEATURES)
     image = tf.io.decode_image(p["image/encoded"], channels=3, expand_animations=False)
     masks = tf.sparse.to_dense(p["image/object/mask"], default_value="")
@@ -135,7 +136,16 @@ def parse_lesion(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         "has_mask": p["image/lesion/has_mask"],
         "mask_source": p["image/lesion/mask_source"],
         "image_id": p["image/lesion/image_id"],
+        "download": p["image/lesion/download"],
     }
+
+
+def from_downloads(records: tf.data.Dataset, downloads) -> tf.data.Dataset:
+    """The serialized records of the listed download folders only (parses nothing else)."""
+    wanted = tf.constant(list(downloads), tf.string)
+    feature = {"image/lesion/download": _LESION_FEATURES["image/lesion/download"]}
+    return records.filter(lambda r: tf.reduce_any(tf.equal(
+        tf.io.parse_single_example(r, feature)["image/lesion/download"], wanted)))
 
 
 def shard_name(split: str, index: int, count: int) -> str:

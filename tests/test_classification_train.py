@@ -290,3 +290,40 @@ def test_two_resolutions_train_together_in_epochs_of_drawn_images(tmp_path):
     assert out["test"]["n"] == len(manifest["splits"]["test"])
     history = list(csv.DictReader((tmp_path / "run" / "final" / "history.csv").open()))
     assert len(history) == 2 and np.isfinite([float(r["loss"]) for r in history]).all()
+
+
+def test_balance_downloads_repeats_the_smaller_folders_images():
+    downloads = np.array(["isic"] * 3 + ["ham"] * 12)
+    data = inputs.LesionSet(np.zeros((15, 2, 2, 3), np.uint8), np.arange(15) % 2, np.zeros(15, int),
+                            np.array([f"id{i}" for i in range(15)]), downloads)
+    balanced = inputs.balance_downloads(data)
+    assert (balanced.downloads == "isic").sum() == 12 and (balanced.downloads == "ham").sum() == 12
+    assert set(balanced.image_ids) == set(data.image_ids)  # nothing dropped, ISIC images four times
+    one_folder = inputs.LesionSet(data.images, data.labels, data.folds, data.image_ids)
+    assert inputs.balance_downloads(one_folder) is one_folder
+
+
+def test_several_folders_balanced_with_the_threshold_chosen_on_the_first(tmp_path):
+    """The `cpu` pipeline's recipe for ISIC beside HAM10000: every record keeps its folder, the
+    threshold comes from the first folder's out-of-fold images and the CV reports each folder."""
+    large = synthetic.generate_dataset(tmp_path / "large", num_images=24, seed=6, image_size=(96, 128))
+    small = synthetic.generate_dataset(tmp_path / "small", num_images=32, seed=7, image_size=(75, 100),
+                                       layout="ham10000")
+    manifest = build_tfrecords.build([large, small], tmp_path / "records", folds=2, seed=0, progress=False)
+    train = inputs.read_lesions(tmp_path / "records", "train", configs.DataConfig())
+    assert {i: d for i, d in zip(train.image_ids, train.downloads)} == {
+        i: manifest["images"][i]["download"] for i in train.image_ids}
+    out = task.train(tmp_path / "records", tmp_path / "run", config_files=["cls_tiny_test.yaml"], params_override={
+        "data": {"balance_downloads": True, "epoch_images": 16},
+        "training": {"folds": 2, "epochs": 1, "final_epochs": 1},
+        "evaluation": {"target_sensitivity": 0.9, "operating_point_downloads": ["large"]}})
+    point = json.loads((tmp_path / "run" / "operating_point.json").read_text())
+    first = int((train.downloads == "large").sum())
+    assert point["chosen_on"].endswith(f"of {first} training images from large")
+    assert out["test"]["threshold"] == point["threshold"]
+    by_download = out["cv"]["pooled_last_epoch_by_download"]
+    assert {d: v["n"] for d, v in by_download.items()} == {"large": first, "small": len(train) - first}
+    with pytest.raises(ValueError, match=r"no training image comes from \['elsewhere'\]"):
+        task.train(tmp_path / "records", tmp_path / "run2", config_files=["cls_tiny_test.yaml"], params_override={
+            "training": {"folds": 2, "epochs": 1, "final_model": False},
+            "evaluation": {"target_sensitivity": 0.9, "operating_point_downloads": ["elsewhere"]}})

@@ -71,3 +71,40 @@ def test_walkthrough_notebook_executes(smoke_work, synthetic_dir, monkeypatch, t
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # images, masked inputs, predictions
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "up to date, skipped" in text and "segmentation jaccard" in text
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_cpu_profile_on_two_folders_trains_the_segmenter_on_the_first_and_balances_the_classifier(
+        tmp_path, monkeypatch):
+    """Which settings reach the two trainings (both replaced: the real ones take hours)."""
+    from melanoma_tf.data import synthetic
+    from melanoma_tf.tasks import lesion_segmentation, melanoma_classification
+
+    isic = synthetic.generate_dataset(tmp_path / "isic", num_images=12, seed=1)
+    ham = synthetic.generate_dataset(tmp_path / "ham", num_images=12, seed=2, image_size=(75, 100), layout="ham10000")
+    seen = {}
+
+    def segment(records, model_dir, experiment, config_files, params_override, train_steps):
+        params = lesion_segmentation.build_experiment(experiment, records, config_files, params_override, train_steps)
+        seen["seg"] = params.task.train_data.downloads
+        Path(model_dir).mkdir(parents=True)
+        (Path(model_dir) / lesion_segmentation.EVAL_METRICS_FILE).write_text("{}")
+
+    def classify(records, model_dir, experiment, config_files, params_override, folds, epochs):
+        seen["cls"] = melanoma_classification.resolve_params(experiment, config_files, params_override, folds, epochs)
+        raise _Stop
+
+    monkeypatch.setattr(lesion_segmentation, "train", segment)
+    monkeypatch.setattr(melanoma_classification, "train", classify)
+    with pytest.raises(_Stop):
+        pipeline.run([isic, ham], tmp_path / "work", profile="cpu")
+    assert seen["seg"] == ["isic"]
+    cls = seen["cls"]
+    assert cls.data.balance_downloads and cls.data.epoch_images == 2400
+    assert cls.evaluation.operating_point_downloads == ["isic"] and cls.training.folds == 5
+    with pytest.raises(_Stop):  # one folder: the profile as it was
+        pipeline.run(isic, tmp_path / "one", profile="cpu")
+    assert seen["seg"] == [] and not seen["cls"].data.balance_downloads

@@ -84,6 +84,29 @@ def test_one_train_step_lowers_the_loss_on_a_fixed_batch(synthetic_records):
     assert losses[-1] < losses[0], losses
 
 
+def test_training_reads_only_the_chosen_downloads(tmp_path):
+    """task.train_data.downloads: the `cpu` pipeline trains on ISIC's masks beside HAM10000."""
+    from melanoma_tf import build_tfrecords
+    from melanoma_tf.data import synthetic
+
+    large = synthetic.generate_dataset(tmp_path / "large", num_images=12, seed=6, image_size=(240, 320))
+    small = synthetic.generate_dataset(tmp_path / "small", num_images=12, seed=7, image_size=(75, 100),
+                                       layout="ham10000")
+    build_tfrecords.build([large, small], tmp_path / "records", folds=2, seed=0, progress=False)
+
+    def sizes(downloads):
+        params = lesion_segmentation.build_experiment(seg_cfg.PAPER_EXPERIMENT, tmp_path / "records", [TINY], {
+            "task": {"train_data": {"downloads": downloads, "global_batch_size": 4}}})
+        batches = task_factory.get_task(params.task).build_inputs(params.task.train_data).take(8)
+        # image_info's first row: each image's size as read (a quarter turn may swap its sides)
+        return {"large" if int(tf.reduce_max(hw)) > 200 else "small"
+                for _, labels in batches for hw in labels["image_info"][:, 0]}
+
+    assert sizes([]) == {"large", "small"}
+    assert sizes(["large"]) == {"large"}
+    assert sizes(["small"]) == {"small"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [seg_cfg.PAPER_EXPERIMENT, seg_cfg.CPU_EXPERIMENT, seg_cfg.QUICK_EXPERIMENT])
 def test_profile_trains_one_step(name, synthetic_records):

@@ -43,6 +43,9 @@ class DataConfig(hyperparams.Config):
     epoch_images: 0 shows every training image once an epoch; N > 0 makes an epoch N images
     drawn from the endlessly reshuffled training set, so that a set of 12,000 images (HAM10000
     beside ISIC) trains in a chosen budget: each image is seen epochs * N / size times on average.
+    balance_downloads: in records built from several download folders, repeat the training
+    images of the smaller folders so that each folder gives about as many as the largest
+    (sample v2 beside HAM10000: v2 keeps half of every epoch; variant HB in benchmarks/README.md).
     """
     input_size: int = 227
     view: str = "lesion"
@@ -53,6 +56,7 @@ class DataConfig(hyperparams.Config):
     batch_size: int = 32
     imbalance: str = "class_weight"
     epoch_images: int = 0
+    balance_downloads: bool = False
 
 
 @dataclasses.dataclass
@@ -134,9 +138,13 @@ class EvaluationConfig(hyperparams.Config):
     when > 0 and cross-validation runs, the threshold is instead the highest one that reaches
     this sensitivity on the out-of-fold predictions (last epoch); the export's class_id uses it.
     tta: average the predictions over the 8 flips/rotations of each image (evaluation only,
-    not in the export)."""
+    not in the export). operating_point_downloads: choose that threshold on the out-of-fold
+    predictions of these download folders only (empty: all); the `cpu` pipeline names the first
+    folder, whose images the test split and the served images resemble, so that HAM10000's
+    images, scored differently, do not move the screening point."""
     threshold: float = 0.5
     target_sensitivity: float = 0.0
+    operating_point_downloads: List[str] = dataclasses.field(default_factory=list)
     bootstrap_samples: int = 1000
     tta: bool = False
 

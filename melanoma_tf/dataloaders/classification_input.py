@@ -29,9 +29,14 @@ class LesionSet:
     labels: np.ndarray  # int [N], 0 nevus, 1 melanoma
     folds: np.ndarray  # int [N], -1 in the test split
     image_ids: np.ndarray  # str [N]
+    downloads: np.ndarray | None = None  # str [N]: the download folder of each image ("" when unknown)
+
+    def __post_init__(self):
+        if self.downloads is None:
+            self.downloads = np.full(len(self.labels), "")
 
     def subset(self, index: np.ndarray) -> "LesionSet":
-        return LesionSet(self.images[index], self.labels[index], self.folds[index], self.image_ids[index])
+        return LesionSet(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,7 +64,7 @@ def read_lesions(data_dir: str | Path, split: str, data: configs.DataConfig,
 
     def prepare(r):
         return (to_view(r["image"], r["mask"], data.input_size, data.margin), r["label"], r["fold"],
-                r["image_id"])
+                r["image_id"], r["download"])
 
     ds = (tf.data.TFRecordDataset(files).map(tfrecords.parse_lesion, tf.data.AUTOTUNE)
           .filter(usable).map(prepare, tf.data.AUTOTUNE).batch(64).prefetch(1))
@@ -67,8 +72,19 @@ def read_lesions(data_dir: str | Path, split: str, data: configs.DataConfig,
     if not parts:
         raise ValueError(f"{data_dir}: no usable {split} image (mask sources {list(data.mask_sources)}, "
                          f"include_unmasked={data.include_unmasked})")
-    images, labels, folds, ids = (np.concatenate(p) for p in zip(*parts))
-    return LesionSet(images, labels.astype(int), folds.astype(int), ids.astype(str))
+    images, labels, folds, ids, downloads = (np.concatenate(p) for p in zip(*parts))
+    return LesionSet(images, labels.astype(int), folds.astype(int), ids.astype(str), downloads.astype(str))
+
+
+def balance_downloads(data: LesionSet) -> LesionSet:
+    """Repeats the images of each smaller download folder so that every folder gives about as
+    many training images as the largest (data.balance_downloads): with sample v2 beside HAM10000
+    the ISIC images keep half of each epoch instead of a sixth (variant HB, benchmarks/README.md)."""
+    names, counts = np.unique(data.downloads, return_counts=True)
+    if len(names) < 2:
+        return data
+    copies = {n: max(1, round(counts.max() / c)) for n, c in zip(names, counts)}
+    return data.subset(np.concatenate([np.tile(np.flatnonzero(data.downloads == n), copies[n]) for n in names]))
 
 
 def read_other_negatives(data_dir: str | Path, split: str, data: configs.DataConfig) -> LesionSet:

@@ -27,9 +27,9 @@ def fold_result(k: int, train: LesionSet, held: LesionSet, best: np.ndarray, las
     return {"fold": k, "n_train": len(train), "n_val": len(held), "n_val_melanoma": int(held.labels.sum()),
             "best_epoch": best_epoch, "metrics": fold_metrics(held.labels, best, threshold),
             "metrics_last_epoch": fold_metrics(held.labels, last, threshold),
-            "predictions": [{"image_id": i, "label": int(y), "melanoma_probability": float(b),
+            "predictions": [{"image_id": i, "download": d, "label": int(y), "melanoma_probability": float(b),
                              "melanoma_probability_last_epoch": float(s)}
-                            for i, y, b, s in zip(held.image_ids, held.labels, best, last)]}
+                            for i, d, y, b, s in zip(held.image_ids, held.downloads, held.labels, best, last)]}
 
 
 def evaluate(labels: np.ndarray, score: np.ndarray, params: configs.ClassificationExperiment,
@@ -47,15 +47,20 @@ def operating_point(cv: dict, params: configs.ClassificationExperiment, model_di
     """With evaluation.target_sensitivity, the threshold that reaches it on the out-of-fold
     predictions (each fold's last epoch: not selected on them), written to operating_point.json
     for the exporter; None without a target."""
-    target = params.evaluation.target_sensitivity
+    target, downloads = params.evaluation.target_sensitivity, list(params.evaluation.operating_point_downloads)
     if not target:
         return None
-    labels = np.array([p["label"] for p in cv["oof"]])
-    score = np.array([p["melanoma_probability_last_epoch"] for p in cv["oof"]])
+    oof = [p for p in cv["oof"] if not downloads or p.get("download", "") in downloads]
+    if not oof:
+        raise ValueError(f"evaluation.operating_point_downloads {downloads}: no out-of-fold prediction "
+                         "comes from these download folders")
+    labels = np.array([p["label"] for p in oof])
+    score = np.array([p["melanoma_probability_last_epoch"] for p in oof])
     threshold = metrics.threshold_for_sensitivity(labels, score, target)
     chosen = metrics.classification_metrics(labels, score, threshold)
     point = {"threshold": threshold, "target_sensitivity": target,
-             "chosen_on": f"out-of-fold predictions (last epoch) of {len(labels)} training images",
+             "chosen_on": f"out-of-fold predictions (last epoch) of {len(labels)} training images"
+                          + (f" from {', '.join(downloads)}" if downloads else ""),
              "sensitivity": chosen["sensitivity"], "specificity": chosen["specificity"]}
     atomic.write_json(model_dir / metrics.OPERATING_POINT_FILE, point)
     print(f"operating point: threshold {threshold:.4f} gives sensitivity {point['sensitivity']:.3f}, "
@@ -85,6 +90,10 @@ def summarize_cv(cv: dict, params: configs.ClassificationExperiment, model_dir: 
         "mean_sd_last_epoch": metrics.summarize_folds(per_fold_last) if per_fold_last else None,
         "pooled_last_epoch": evaluate(labels, last, params),
     }
+    downloads = np.array([p.get("download", "") for p in cv["oof"]])
+    if len(set(downloads)) > 1:  # e.g. sample v2's own images apart from HAM10000's
+        summary["pooled_last_epoch_by_download"] = {
+            str(d): evaluate(labels[downloads == d], last[downloads == d], params) for d in np.unique(downloads)}
     atomic.write_json(model_dir / "cv_metrics.json", summary)
     metrics.plot_roc({"out-of-fold": (labels, score)}, model_dir / "roc_cv.png", title or "Cross-validation ROC")
     metrics.plot_confusion(labels, score, model_dir / "confusion_cv.png", params.evaluation.threshold,

@@ -72,8 +72,14 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
             max_num_instances=p.max_num_instances, include_mask=model.include_mask,
             outer_boxes_scale=model.outer_boxes_scale, mask_crop_size=p.mask_crop_size,
             dtype=params.dtype, aug_rand_rot90=p.aug_rand_rot90, aug_color_jitter=p.aug_color_jitter)
+        dataset_fn = dataset_fn or dataset_fn_lib.pick_dataset_fn(params.file_type)
+        if params.downloads:
+            read_files = dataset_fn
+
+            def dataset_fn(*args, **kwargs):
+                return tfrecords.from_downloads(read_files(*args, **kwargs), params.downloads)
         reader = input_reader_factory.input_reader_generator(
-            params, dataset_fn=dataset_fn or dataset_fn_lib.pick_dataset_fn(params.file_type),
+            params, dataset_fn=dataset_fn,
             decoder_fn=decoder.decode, combine_fn=input_reader.create_combine_fn(params),
             parser_fn=parser.parse_fn(params.is_training))
         return reader.read(input_context=input_context)

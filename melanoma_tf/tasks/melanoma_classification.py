@@ -134,6 +134,8 @@ def fit(train: inputs.LesionSet, val: inputs.LesionSet | None, params: configs.C
     if params.model.init_checkpoint:
         loaded = pretrained.load(model, params.model.init_checkpoint, params.model.init_checkpoint_layers)
         print(f"initialised {', '.join(loaded)} from {params.model.init_checkpoint}")
+    if params.data.balance_downloads:
+        train = inputs.balance_downloads(train)
     adapt_normalization(model, train.images)
     ds, steps, class_weight = inputs.training_dataset(train, params)
     model.compile(
@@ -391,6 +393,10 @@ def train(data_dir: str | Path, model_dir: str | Path, experiment: str | None = 
     if summarize_only:
         return summarize(data_dir, params, model_dir)
     data, negatives = _read_train_split(data_dir, params)
+    unknown = set(params.evaluation.operating_point_downloads) - set(data.downloads)
+    if unknown:  # before hours of training, not at the summary
+        raise ValueError(f"evaluation.operating_point_downloads: no training image comes from {sorted(unknown)}; "
+                         f"the records' download folders are {sorted(set(data.downloads))}")
     if fit_only is None or str(fit_only) != FINAL:
         for k in range(t.folds) if fit_only is None else [int(fit_only)]:
             train_fold(data, params, model_dir, k, callbacks, negatives)
