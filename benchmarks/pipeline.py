@@ -89,7 +89,8 @@ def score_keratoses(data_dir: Path, work: Path, rows: list[dict]) -> dict:
     score = np.array([r["score"] for r in answered] + sk)
     threshold = scored[0].threshold
     return {"images": len(y), "keratoses": len(sk), "threshold": threshold,
-            "metrics": metrics.metrics_with_ci(y, score, threshold)}
+            "metrics": metrics.metrics_with_ci(y, score, threshold),
+            "keratosis_scores": {r.image_id: round(s, 6) for r, s in zip(scored, sk)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
               "classification_at_0.5": metrics.get("classification_at_0.5"),
               "calibration": metrics.get("calibration"),
               "melanoma_vs_nevus_and_sk": score_keratoses(data_dirs[0], work, rows_all),
-              "paper": report.PAPER, "report": os.path.relpath(work / "report" / "index.html", ROOT)}
+              "paper": report.PAPER, "report": os.path.relpath(work / "report" / "index.html", ROOT),
+              # kept so that a later run can be paired with this one image by image
+              "per_image": [{"image_id": r["image_id"], "melanoma": r["melanoma"], "score": r["score"],
+                             "jaccard": r["jaccard"]} for r in rows_all]}
     baseline = RESULTS / "classification-v2.json"
     if baseline.is_file():
         result["logistic_regression_cv"] = json.loads(baseline.read_text())["baseline"]["pooled"]["roc_auc"]

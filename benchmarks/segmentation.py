@@ -4,6 +4,8 @@
     python benchmarks/segmentation.py --profile cpu_cascade --data-dir ../shared/data/isic-sample \
         --data-dir ../shared/data/ham10000-sample --records benchmarks/.cache/isic-ham --name-suffix ham
     python benchmarks/segmentation.py --plot     # Jaccard against budget, all results so far
+    python benchmarks/segmentation.py --profile cpu_cascade --finished-run WORK/runs/seg --records WORK/tfrecords \
+        --name-suffix pipeline --pair-with RESULT.json    # a pipeline's segmenter, scored the same way
 
 The budget is in minutes of this 2-core machine, metered as the training process's CPU time
 divided by the number of cores, so other jobs on the machine do not shrink it. A short probe
@@ -126,6 +128,19 @@ def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, ove
     }
 
 
+def finished_run(profile: str, budget_minutes: float, model_dir: Path) -> dict:
+    """What `run` returns, for a run trained elsewhere (the pipeline's segmenter, whose step count
+    is a budget's) and evaluated there: its params and last evaluation, no timing of ours."""
+    params = lesion_segmentation.build_experiment(PROFILES[profile], None)
+    metrics = json.loads((model_dir / lesion_segmentation.EVAL_METRICS_FILE).read_text())
+    step = json.loads((model_dir / lesion_segmentation.EVAL_PER_IMAGE_FILE).read_text())["step"]
+    return {"profile": profile, "experiment": PROFILES[profile], "trained_in": os.path.relpath(model_dir, HERE.parent),
+            "budget_minutes": budget_minutes, "train_steps": step, "input_size": params.task.model.input_size,
+            "backbone": f"resnet-{params.task.model.backbone.resnet.model_id}",
+            "model": {k[len("lesion_"):]: v for k, v in metrics.items() if k.startswith("lesion_")},
+            "coco_mask_AP": metrics.get("mask_AP")}
+
+
 def _sample_version(name: str) -> str:
     """Results of sample v1 carry no suffix (`segmentation-cpu-60min.json`), later ones `-v2`."""
     return name.rsplit("min-", 1)[1].removesuffix(".json") if "min-" in name else "v1"
@@ -178,6 +193,8 @@ def main() -> None:
     p.add_argument("--cpu-seconds-per-step", type=float, default=None,
                    help="skip the probe and use this cost, e.g. from an earlier run's JSON of the same profile")
     p.add_argument("--sample-version", default="v2", help="suffix of the result file: which sample version it is on")
+    p.add_argument("--finished-run", type=Path, default=None,
+                   help="score a run trained and evaluated elsewhere (e.g. a pipeline's runs/seg) instead of training")
     p.add_argument("--plot", action="store_true", help="only redraw the chart from saved results")
     args = p.parse_args()
     if args.plot:
@@ -187,9 +204,10 @@ def main() -> None:
     records = ensure_records(data_dirs, args.records)
     name = f"segmentation-{args.profile}-{args.budget_minutes:g}min-{args.sample_version}"
     name += f"-{args.name_suffix}" if args.name_suffix else ""
-    model_dir = args.model_dir or HERE / ".runs" / name
-    result = run(args.profile, args.budget_minutes, records, model_dir, args.params_override,
-                 args.train_steps, args.cpu_seconds_per_step)
+    model_dir = args.finished_run or args.model_dir or HERE / ".runs" / name
+    result = finished_run(args.profile, args.budget_minutes, model_dir) if args.finished_run else run(
+        args.profile, args.budget_minutes, records, model_dir, args.params_override, args.train_steps,
+        args.cpu_seconds_per_step)
     result.update(paired_with_otsu(records, model_dir, data_dirs[0]))
     result["sample_version"] = args.sample_version
     result["data_dirs"] = [os.path.relpath(d, HERE.parent) for d in data_dirs]
