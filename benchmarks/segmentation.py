@@ -115,30 +115,31 @@ def run(profile: str, budget_minutes: float, records: Path, model_dir: Path, ove
     lesion_segmentation.run(params, model_dir, mode="train")
     wall, cpu = time.time() - wall, time.process_time() - cpu
     lesion_segmentation.run(params, model_dir, mode="eval")
-    metrics = json.loads((model_dir / lesion_segmentation.EVAL_METRICS_FILE).read_text())
     return {
-        "profile": profile, "experiment": PROFILES[profile], "overrides": overrides,
-        "budget_minutes": budget_minutes, "train_steps": steps, "cpu_seconds_per_step": per_step,
+        "overrides": overrides, "train_steps": steps, "cpu_seconds_per_step": per_step,
         "train_wall_minutes": wall / 60, "train_cpu_minutes_per_core": cpu / 60 / CORES,
         "batch_size": params.task.train_data.global_batch_size,
-        "input_size": params.task.model.input_size,
-        "backbone": f"resnet-{params.task.model.backbone.resnet.model_id}",
-        "model": {k[len("lesion_"):]: v for k, v in metrics.items() if k.startswith("lesion_")},
-        "coco_mask_AP": metrics.get("mask_AP"),
+        **evaluated_run(profile, budget_minutes, params, model_dir),
     }
+
+
+def evaluated_run(profile: str, budget_minutes: float, params, model_dir: Path) -> dict:
+    """The model and its last evaluation, as every result holds them."""
+    metrics = json.loads((model_dir / lesion_segmentation.EVAL_METRICS_FILE).read_text())
+    return {"profile": profile, "experiment": PROFILES[profile], "budget_minutes": budget_minutes,
+            "input_size": params.task.model.input_size,
+            "backbone": f"resnet-{params.task.model.backbone.resnet.model_id}",
+            "model": {k[len("lesion_"):]: v for k, v in metrics.items() if k.startswith("lesion_")},
+            "coco_mask_AP": metrics.get("mask_AP")}
 
 
 def finished_run(profile: str, budget_minutes: float, model_dir: Path) -> dict:
     """What `run` returns, for a run trained elsewhere (the pipeline's segmenter, whose step count
     is a budget's) and evaluated there: its params and last evaluation, no timing of ours."""
-    params = lesion_segmentation.build_experiment(PROFILES[profile], None)
-    metrics = json.loads((model_dir / lesion_segmentation.EVAL_METRICS_FILE).read_text())
     step = json.loads((model_dir / lesion_segmentation.EVAL_PER_IMAGE_FILE).read_text())["step"]
-    return {"profile": profile, "experiment": PROFILES[profile], "trained_in": os.path.relpath(model_dir, HERE.parent),
-            "budget_minutes": budget_minutes, "train_steps": step, "input_size": params.task.model.input_size,
-            "backbone": f"resnet-{params.task.model.backbone.resnet.model_id}",
-            "model": {k[len("lesion_"):]: v for k, v in metrics.items() if k.startswith("lesion_")},
-            "coco_mask_AP": metrics.get("mask_AP")}
+    return {"trained_in": os.path.relpath(model_dir, HERE.parent), "train_steps": step,
+            **evaluated_run(profile, budget_minutes, lesion_segmentation.build_experiment(PROFILES[profile], None),
+                            model_dir)}
 
 
 def _sample_version(name: str) -> str:
