@@ -2,7 +2,7 @@
 
     python benchmarks/classification.py [--variant NAME] [--experiment E] [--config-file F]...
         [--params-override S] [--epochs N] [--no-final] [--baseline-only] [--score-finished-folds]
-        [--segmentation-features SEG_RUN]
+        [--segmentation-features SEG_RUN] [--pair-with RUN]
 
 Builds the records once (into --records), cross-validates the configured AlexNet on the masked
 lesions (`melanoma_tf.tasks.melanoma_classification.train`), and fits a colour-and-shape logistic
@@ -152,6 +152,21 @@ def compare_with_baseline(variants: dict, data: inputs.LesionSet, base_score: np
     return scores
 
 
+def paired_out_of_fold(score: dict[str, float], other: dict[str, float], data: inputs.LesionSet, n_boot: int,
+                       seed: int) -> dict:
+    """AUC of `score` minus `other` on the images both scored out of fold, paired bootstrap."""
+    common = [i for i in data.image_ids if i in score and i in other]
+    if not common:
+        raise SystemExit("--pair-with: the two runs scored no image in common")
+    labels = dict(zip(data.image_ids, data.labels))
+    y = np.array([labels[i] for i in common])
+    a, b = np.array([score[i] for i in common]), np.array([other[i] for i in common])
+    return {"images": len(common), "melanoma": int(y.sum()),
+            "roc_auc": metrics.metrics_with_ci(y, a, n=n_boot, seed=seed)["roc_auc"],
+            "roc_auc_other": metrics.metrics_with_ci(y, b, n=n_boot, seed=seed)["roc_auc"],
+            "roc_auc_minus_other": metrics.auc_difference(y, a, b, n=n_boot, seed=seed)}
+
+
 def training_cost(model_dir: Path) -> dict:
     """CPU and wall minutes of every fit of a run (`timing.json` of each fold and the final
     model; resumed fits included)."""
@@ -236,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="no training: score the folds the variant's run has finished (a run stopped early)")
     p.add_argument("--segmentation-features", type=Path, default=None, metavar="SEG_RUN",
                    help="also cross-validate a head on the frozen ResNet features of this segmentation run")
+    p.add_argument("--pair-with", type=Path, default=None, metavar="RUN",
+                   help="another cross-validated run (e.g. the same network on fewer images): the AUC "
+                        "difference, paired, on the images both scored out of fold")
     p.add_argument("--output", type=Path, default=RESULTS / "classification.json")
     args = p.parse_args(argv)
 
@@ -301,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             extra["pooled_last_epoch_ground_truth_masks"] = {
                 "images": int(keep.sum()),
                 "metrics": metrics.metrics_with_ci(data.labels[keep], score[keep], n=n_boot, seed=seed)}
+        if "pooled_last_epoch_by_download" in cv:  # records of several downloads, e.g. v2 + HAM10000
+            extra["pooled_last_epoch_by_download"] = cv["pooled_last_epoch_by_download"]
+        if args.pair_with:
+            extra["paired_with"] = paired_out_of_fold(oof, out_of_fold(args.pair_with), data, n_boot, seed)
+            extra["paired_with"]["run"] = os.path.relpath(args.pair_with, ROOT)
         variants[name] = {**extra,
             "experiment": args.experiment, "config_files": args.config_file, "params_override": override,
             "pooled": cv["pooled"]["metrics"], "mean_sd": cv["mean_sd"],

@@ -13,8 +13,8 @@ same steps, same split): --seg-from copies that run's checkpoints into the work 
 pipeline resumes at its last step instead of training the same network a second time.
 --cls-from does the same for the classifier's cross-validated run of benchmarks/classification.py.
 Several --data-dir folders build into one set of records whose test split is the first folder's
-(`build_tfrecords`). Results: benchmarks/results/pipeline-<data>[+<data>...]-<profile>.json, the
-report in the work dir.
+(`build_tfrecords`). Results: benchmarks/results/pipeline-<data>[+<data>...]-<profile>.json (or
+<work dir's name>.json), the report in the work dir; benchmarks/paired_pipelines.py pairs two.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, action="append", default=None,
                    help="download folder, repeat to add folders (default ../shared/data/isic-sample)")
     p.add_argument("--profile", choices=sorted(pipeline.PROFILES), default="cpu")
-    p.add_argument("--work-dir", type=Path, default=None, help="default benchmarks/.runs/pipeline-<data>-<profile>")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="default benchmarks/.runs/pipeline-<data>-<profile>; also names the results file")
     p.add_argument("--seg-from", type=Path, default=None,
                    help="a finished segmentation run with this profile's settings, to reuse")
     p.add_argument("--cls-from", type=Path, default=None,
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data_dirs = args.data_dir or [ROOT.parent / "shared/data/isic-sample"]
     name = f"pipeline-{'+'.join(d.resolve().name for d in data_dirs)}-{args.profile}"
+    if args.work_dir:  # a variant of the default run: its results are named after its work dir
+        name = args.work_dir.name
     work = args.work_dir or ROOT / "benchmarks" / ".runs" / name
     if args.seg_from:
         seed_segmentation(args.seg_from, work / "runs" / "seg")
