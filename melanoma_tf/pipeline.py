@@ -22,7 +22,8 @@ continues where it stopped. Profiles:
   chosen for 90% sensitivity on out-of-fold predictions. With several --data-dir folders (ISIC
   beside HAM10000) the segmenter trains on the first folder's masks and the classifier takes
   the recipe measured for them (`several_downloads_overrides`).
-- paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU.
+- paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU. With
+  several folders it takes the same segmenter and classifier overrides as `cpu`.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.
 """
 
@@ -70,9 +71,10 @@ PROFILES = {
 }
 
 
-# Profiles with a recipe measured for sample v2 beside HAM10000 (benchmarks/README.md), used when
-# --data-dir is given more than once.
-SEVERAL_DOWNLOADS = {"cpu"}
+# Profiles that take the recipe measured for sample v2 beside HAM10000 (benchmarks/README.md) when
+# --data-dir is given more than once: measured with the `cpu` profile (segmenter and classifier)
+# and with the paper's AlexNet (the classifier's balanced draw, variant APH).
+SEVERAL_DOWNLOADS = {"cpu", "paper"}
 
 
 def several_downloads_overrides(first_download: str) -> tuple[dict, dict]:

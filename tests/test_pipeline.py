@@ -77,8 +77,8 @@ class _Stop(Exception):
     pass
 
 
-def test_cpu_profile_on_two_folders_trains_the_segmenter_on_the_first_and_balances_the_classifier(
-        tmp_path, monkeypatch):
+@pytest.mark.parametrize("profile", ["cpu", "paper"])
+def test_two_folders_train_the_segmenter_on_the_first_and_balance_the_classifier(profile, tmp_path, monkeypatch):
     """Which settings reach the two trainings (both replaced: the real ones take hours)."""
     from melanoma_tf.data import synthetic
     from melanoma_tf.tasks import lesion_segmentation, melanoma_classification
@@ -100,11 +100,11 @@ def test_cpu_profile_on_two_folders_trains_the_segmenter_on_the_first_and_balanc
     monkeypatch.setattr(lesion_segmentation, "train", segment)
     monkeypatch.setattr(melanoma_classification, "train", classify)
     with pytest.raises(_Stop):
-        pipeline.run([isic, ham], tmp_path / "work", profile="cpu")
+        pipeline.run([isic, ham], tmp_path / "work", profile=profile)
     assert seen["seg"] == ["isic"]
     cls = seen["cls"]
     assert cls.data.balance_downloads and cls.data.epoch_images == 2400
     assert cls.evaluation.operating_point_downloads == ["isic"] and cls.training.folds == 5
     with pytest.raises(_Stop):  # one folder: the profile as it was
-        pipeline.run(isic, tmp_path / "one", profile="cpu")
+        pipeline.run(isic, tmp_path / "one", profile=profile)
     assert seen["seg"] == [] and not seen["cls"].data.balance_downloads
