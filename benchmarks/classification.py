@@ -129,8 +129,12 @@ def partial_entry(model_dir: Path, n_boot: int, seed: int) -> dict:
     last = np.array([p["melanoma_probability_last_epoch"] for f in folds for p in f["predictions"]])
     best = np.array([p["melanoma_probability"] for f in folds for p in f["predictions"]])
     at_last = _entry(labels, last, [f["metrics_last_epoch"] for f in folds], n_boot, seed)
+    downloads = np.array([p.get("download", "") for f in folds for p in f["predictions"]])
+    by_download = {} if len(set(downloads)) < 2 else {"pooled_last_epoch_by_download": {
+        str(d): metrics.metrics_with_ci(labels[downloads == d], last[downloads == d], n=n_boot, seed=seed)
+        for d in np.unique(downloads)}}
     return {**_entry(labels, best, [f["metrics"] for f in folds], n_boot, seed),
-            "pooled_last_epoch": at_last["pooled"], "mean_sd_last_epoch": at_last["mean_sd"],
+            "pooled_last_epoch": at_last["pooled"], "mean_sd_last_epoch": at_last["mean_sd"], **by_download,
             "folds_finished": [f["fold"] for f in folds], "images": len(labels),
             "best_epochs": [f["best_epoch"] for f in folds], "test": None}
 
