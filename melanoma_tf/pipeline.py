@@ -73,7 +73,8 @@ PROFILES = {
 
 # Profiles that take the recipe measured for sample v2 beside HAM10000 (benchmarks/README.md) when
 # --data-dir is given more than once: measured with the `cpu` profile (segmenter and classifier)
-# and with the paper's AlexNet (the classifier's balanced draw, variant APH).
+# and with the paper's AlexNet (it learns with the balanced draw, variant APH; an unbalanced draw
+# was not measured for it).
 SEVERAL_DOWNLOADS = {"cpu", "paper"}
 
 
