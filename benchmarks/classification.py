@@ -47,7 +47,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def lesion_features(image: np.ndarray) -> np.ndarray:
-    """Colour and shape of one masked lesion (the classifier's own input; lesion = non-black).
+    """Colour and shape of one masked lesion (the lesion view; lesion = non-black).
 
     Colour: mean, standard deviation and 10th/90th percentiles of each channel in RGB, HSV and
     CIE Lab over the lesion. Shape: area, compactness (perimeter^2 / 4 pi area), solidity,
@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     name = args.variant or args.experiment
     override = ",".join(s for s in (args.params_override, "training.final_model=false" if args.no_final else "") if s)
     params = task.resolve_params(args.experiment, args.config_file, override, None, args.epochs)
-    data = inputs.read_lesions(args.records, "train", params.data)
+    # The regressions read the masked lesion, whatever the network sees, so that every variant
+    # is paired with the same baseline.
+    data = inputs.read_lesions(args.records, "train", params.data.replace(view="lesion", margin=0.1))
     folds, seed, n_boot = params.training.folds, params.training.seed, params.evaluation.bootstrap_samples
     model_dir = args.model_dir or ROOT / "runs/benchmark_cls" / name
     if args.score_finished_folds:

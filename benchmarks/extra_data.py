@@ -77,7 +77,7 @@ def run_variant(name: str, records: Path, manifest: dict, run_root: Path) -> dic
     params = task.resolve_params(EXPERIMENT, params_override=",".join(
         s for s in ("training.verbose=2", spec["override"]) if s))
     from_download = {i for i, r in manifest["images"].items() if r["download"] in spec["downloads"]}
-    train_all = _keep(inputs.read_lesions(records, "train", params.data), from_download)
+    train_all = _keep(inputs.read_index(records, "train", params.data), from_download)
     train = train_all.subset(np.flatnonzero(train_all.folds != VALIDATION_FOLD))
     if spec["others"]:
         others = _keep(inputs.read_other_negatives(records, "train", params.data), from_download)
@@ -91,13 +91,16 @@ def run_variant(name: str, records: Path, manifest: dict, run_root: Path) -> dic
     if not done.exists():
         task.prepare_model_dir(params, run_dir)
         model, _ = task.fit(train, val, params, run_dir / "fit", params.training.epochs)
-        test = inputs.read_lesions(records, "test", params.data)
-        test_other = inputs.read_lesions(records, "test", params.data, classes=(inputs.OTHER,))
+        test = inputs.read_index(records, "test", params.data)
+        test_other = inputs.read_index(records, "test", params.data, classes=(inputs.OTHER,))
+
+        def scores(lesions: inputs.LesionSet) -> np.ndarray:
+            return task.predict(model, inputs.images(lesions, params.data))
+
         with atomic.atomic_path(done) as tmp:
-            np.savez(tmp.open("wb"), val_ids=val.image_ids, val_labels=val.labels,
-                     val=task.predict(model, val.images), test_ids=test.image_ids, test_labels=test.labels,
-                     test=task.predict(model, test.images), sk_ids=test_other.image_ids,
-                     sk=task.predict(model, test_other.images))
+            np.savez(tmp.open("wb"), val_ids=val.image_ids, val_labels=val.labels, val=scores(val),
+                     test_ids=test.image_ids, test_labels=test.labels, test=scores(test),
+                     sk_ids=test_other.image_ids, sk=scores(test_other))
         keras.backend.clear_session()
     timing = json.loads((run_dir / "fit" / task.TIMING_FILE).read_text())
     return {"training_images": len(set(train.image_ids)), "training_melanomas": int(train.labels[

@@ -32,6 +32,10 @@ Decisions:
   seconds for one (gRPC `wait_for_ready`), e.g. while a server restarts.
 * `connect_timeout`: the constructor checks that the servers answer; none answering is a
   `ConnectionError` naming the addresses, some not answering a logged warning.
+* `explain`: the classifier is called through its `explain` signature, and each result also
+  carries the classifier's input as the segmenter cut it (`classifier_input`) and where the
+  classifier looked (`heat_map`, Grad-CAM, 0-1): for reports and audits; it costs a backward
+  pass and 200 KB more of reply per image.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from melanoma_tf.contract import (
     ARRAY_SIGNATURE,
     BYTES_SIGNATURE,
     CLASSIFIER,
+    EXPLAIN_SIGNATURE,
+    HEAT_MAP,
     MASKED_IMAGE,
     MAX_IMAGE_PIXELS,
     SEGMENTER,
@@ -109,6 +115,8 @@ class LesionPrediction:
     error: str | None = None
     model_versions: dict[str, int] = dataclasses.field(default_factory=dict)
     threshold: float = math.nan  # the one is_melanoma used: the served operating point or the client's
+    classifier_input: np.ndarray | None = None  # uint8 [227, 227, 3], with `explain`
+    heat_map: np.ndarray | None = None  # float32 [227, 227] in [0, 1], with `explain`
 
     @property
     def ok(self) -> bool:
@@ -232,8 +240,9 @@ class MelanomaClient:
                  timeout: float = 30.0, retries: int = 3, *, server_wait: float | None = None,
                  backoff: float = 0.1, max_backoff: float = 2.0, connect_timeout: float | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+                 channel_options: Sequence[tuple[str, Any]] = (), explain: bool = False) -> None:
         self.target = channel_target(target)
+        self.explain = explain
         self.threshold = threshold
         self.timeout = timeout
         self.server_wait = server_wait
@@ -282,12 +291,14 @@ class MelanomaClient:
         score = float(tf.make_ndarray(outputs["lesion_score"])[0])
         latency = {"segment": (t1 - t0) * 1000.0, "classify": 0.0}
         probability, decision, label, threshold = math.nan, None, "no_lesion", math.nan
+        classifier_input = heat_map = None
         if status == STATUS_OK:
             classify = predict_pb2.PredictRequest()
             name, version, version_label = self._classifier
-            _model_spec(classify.model_spec, name, BYTES_SIGNATURE, version, version_label)
+            _model_spec(classify.model_spec, name, EXPLAIN_SIGNATURE if self.explain else BYTES_SIGNATURE,
+                        version, version_label)
             classify.inputs[MASKED_IMAGE].CopyFrom(outputs["masked_image"])
-            classify.output_filter.extend(["melanoma_probability", "threshold"])
+            classify.output_filter.extend(["melanoma_probability", "threshold"] + [HEAT_MAP] * self.explain)
             t2 = time.perf_counter()
             classified = self._call(classify, image_id)
             latency["classify"] = (time.perf_counter() - t2) * 1000.0
@@ -297,13 +308,17 @@ class MelanomaClient:
             threshold = served if self.threshold is None else self.threshold
             decision = probability >= threshold
             label = "ok"
+            if self.explain:
+                classifier_input = tf.make_ndarray(outputs["masked_image"])[0]
+                heat_map = tf.make_ndarray(classified.outputs[HEAT_MAP])[0]
         elif status != STATUS_NO_LESION:
             raise PredictionError(f"unexpected segmenter status {status}", image_id)
         latency["total"] = (time.perf_counter() - started) * 1000.0
         return LesionPrediction(
             image_id=image_id, melanoma_probability=probability, is_melanoma=decision,
             lesion_mask=mask, lesion_box=box, segmentation_score=score, status=label,
-            latency_ms=latency, model_versions=versions, threshold=threshold)
+            latency_ms=latency, model_versions=versions, threshold=threshold,
+            classifier_input=classifier_input, heat_map=heat_map)
 
     def predict_many(self, images: Iterable[Any], concurrency: int = 8) -> Iterator[LesionPrediction]:
         """Score many images concurrently, yielding results as they complete.

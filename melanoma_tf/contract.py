@@ -7,11 +7,16 @@ and the exporters import it from here. No TensorFlow import, so a client can rea
                                                                            image_size, status
     melanoma_classifier  serving_default       masked_image [N, 227, 227, 3] uint8
                                                -> melanoma_probability, probabilities, class_id, threshold
+                         explain               the same, + heat_map [N, 227, 227] float32
 """
 
 SEGMENTER, CLASSIFIER = "lesion_segmenter", "melanoma_classifier"
 BYTES_SIGNATURE, ARRAY_SIGNATURE = "serving_default", "serving_image_tensor"
 CLASSIFIER_SIGNATURE = "serving_default"
+# The classifier's second signature: its outputs and where it looked (Grad-CAM, 0-1 per image).
+EXPLAIN_SIGNATURE, HEAT_MAP = "explain", "heat_map"
+# The classifier's input, whichever view of the lesion it trained on (`masking.view_fn`): the
+# paper's masked lesion or the lesion in its context; the segmenter's export cuts it.
 MASKED_IMAGE = "masked_image"
 CLASS_NAMES = ("nevus", "melanoma")  # the classifier's `probabilities` columns
 # Side of the masked lesion the segmenter hands the classifier: the served classifier's input,

@@ -2,10 +2,12 @@
 
     python -m melanoma_tf.evaluate --data-dir D --output-dir report/ \\
         (--server HOST:PORT | --seg-model DIR --cls-model DIR) \\
-        [--concurrency N] [--threshold T] [--limit N] [--bootstrap N] [--seed S]
+        [--concurrency N] [--threshold T] [--limit N] [--bootstrap N] [--seed S] [--no-explain]
 
 Writes `metrics.json`, `predictions.csv` (one row per image), `masks/<id>_segmentation.png`
-(0/255, the ISIC submission format) and the report (`index.html`, see `melanoma_tf.report`).
+(0/255, the ISIC submission format), `explained/<id>.jpg` (the classifier's input and its
+Grad-CAM heat map, from the classifier's `explain` signature; not with --no-explain) and the
+report (`index.html`, see `melanoma_tf.report`).
 
 Every prediction comes from `MelanomaClient`. With `--seg-model/--cls-model` the embedded TF
 Serving-compatible server is started in-process on a free port and the same client talks to
@@ -40,6 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -55,7 +58,7 @@ SEGMENTATION_KEYS = segmentation.PIXEL_METRICS + ("detection_rate", "segmentatio
 DEFAULT_THRESHOLD = 0.5
 PREDICTION_COLUMNS = ("image_id", "label", "status", "melanoma_probability", "score", "predicted",
                       "lesion_score", *segmentation.PIXEL_METRICS, "found", "otsu_jaccard",
-                      "otsu_dice", "image_path", "truth_mask_path", "mask_path", "error")
+                      "otsu_dice", "image_path", "truth_mask_path", "mask_path", "explained_path", "error")
 
 
 class Predictor(Protocol):
@@ -92,7 +95,7 @@ def serve_in_process(seg_model: Path, cls_model: Path, **client_kwargs) -> Itera
 
 
 def _image_row(item: isic.LesionItem, result: LesionPrediction, masks_dir: Path,
-               problems: list[dict]) -> dict:
+               problems: list[dict], explained_dir: Path | None = None) -> dict:
     """Everything known about one image: the chain's answer and its per-image metrics."""
     row: dict = {"image_id": item.image_id, "label": item.label, "melanoma": int(item.label == isic.MELANOMA),
                  "status": result.status, "error": result.error or "", "image_path": str(item.image_path.resolve()),
@@ -104,6 +107,11 @@ def _image_row(item: isic.LesionItem, result: LesionPrediction, masks_dir: Path,
     row["score"] = 0.0 if result.status == "no_lesion" else result.melanoma_probability
     mask = result.lesion_mask
     row["mask_path"] = f"masks/{write_mask(masks_dir, item.image_id, mask).name}"
+    if result.heat_map is not None and explained_dir is not None:
+        path = explained_dir / f"{item.image_id}.jpg"
+        cv2.imwrite(str(path), cv2.cvtColor(report.explained(result.classifier_input, result.heat_map),
+                                            cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        row["explained_path"] = f"explained/{path.name}"
     if item.mask_path is None:
         return row
     try:
@@ -220,11 +228,13 @@ def evaluate(data_dir: str | Path | Sequence[str | Path], predictor: Predictor, 
     output_dir.mkdir(parents=True, exist_ok=True)
     problems = [{"image_id": p.image_id, "path": p.path, "reason": p.reason} for p in read_problems]
     rows, versions, served = [], {}, set()
-    with atomic.atomic_path(output_dir / "masks") as new_masks:
+    with atomic.atomic_path(output_dir / "masks") as new_masks, \
+            atomic.atomic_path(output_dir / "explained") as new_explained:
         new_masks.mkdir()
+        new_explained.mkdir()
         results = predictor.predict_many([(i.image_id, i.image_path) for i in items], concurrency=concurrency)
         for result in tqdm(results, total=len(items), unit="img", desc="evaluating", disable=not progress):
-            rows.append(_image_row(by_id[result.image_id], result, new_masks, problems))
+            rows.append(_image_row(by_id[result.image_id], result, new_masks, problems, new_explained))
             versions.update(result.model_versions)
             if math.isfinite(result.threshold):
                 served.add(result.threshold)
@@ -285,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0, help="deadline per RPC, seconds")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-explain", action="store_true",
+                   help="skip the classifier's heat maps (explained/): one forward pass per image, no backward")
     return p
 
 
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.seg_model is None) != (args.cls_model is None):
         parser.error("--seg-model and --cls-model go together (or use --server)")
-    client_kwargs = dict(threshold=args.threshold, timeout=args.timeout)
+    client_kwargs = dict(threshold=args.threshold, timeout=args.timeout, explain=not args.no_explain)
     if args.server:
         chain, source = MelanomaClient(args.server, **client_kwargs), f"gRPC server {args.server}"
     else:

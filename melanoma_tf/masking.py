@@ -5,6 +5,12 @@ these functions, so what the classifier sees cannot drift between them. Pure TF 
 eagerly, inside `tf.function` with unknown H and W, and per image of a batch via `tf.map_fn`.
 
 Choices, and why:
+- The context view (`context_view`, the practical profiles' input) is the same square around the
+  lesion's box, enlarged by `margin` per side, with every pixel kept: the skin around the lesion,
+  which tells melanoma apart better than the lesion alone (issue 34's measurements, on the ISIC
+  2017 test set: +0.056 AUC paired over the masked lesion). Only where the square leaves the
+  image is it black. The box comes from the mask, so the segmenter's export computes it from the
+  mask it predicted, exactly as training computes it from the ground-truth mask.
 - The lesion view (`mask_lesion`, the paper's input) zeroes every pixel outside the mask, then
   takes a square around the lesion's box enlarged by `margin` of its longer side on each side,
   so the lesion's aspect ratio is kept and it fills most of the input whatever its size. Where
@@ -32,7 +38,7 @@ from melanoma_tf import contract
 
 CLASSIFIER_INPUT_SIZE = contract.CLASSIFIER_INPUT_SIZE
 
-VIEWS = ("lesion", "whole", "skin")
+VIEWS = ("lesion", "context", "whole", "skin")
 
 
 def _square_resample(image: tf.Tensor, keep: tf.Tensor, top: tf.Tensor, left: tf.Tensor,
@@ -75,9 +81,29 @@ def lesion_box(mask: tf.Tensor) -> tf.Tensor:
     return tf.where(empty, tf.stack([0, 0, h, w]), tf.stack([ymin, xmin, ymax, xmax]))
 
 
-def _lesion_square(mask: tf.Tensor, margin: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(top, left, side) of the square around the lesion box, enlarged by `margin` per side."""
+def jitter_box(box: tf.Tensor, jitter: float, seed: tf.Tensor | None = None) -> tf.Tensor:
+    """The box (ymin, xmin, ymax, xmax) with each edge moved by up to `jitter` of the box's
+    height or width, uniformly and independently: training boxes that err as a predicted box
+    does (the served segmenter's mean Jaccard is about 0.8). `seed`: a stateless [2] seed
+    (tf.data's `Dataset.random`), else TF's global random stream."""
+    box = tf.cast(box, tf.float32)
+    extent = tf.stack([box[2] - box[0], box[3] - box[1]] * 2)
+    shape = [4]
+    noise = (tf.random.stateless_uniform(shape, seed, -1.0, 1.0) if seed is not None
+             else tf.random.uniform(shape, -1.0, 1.0))
+    moved = box + noise * jitter * extent
+    # Keep it a box of at least one pixel.
+    low = tf.minimum(moved[:2], moved[2:] - 1.0)
+    return tf.concat([low, tf.maximum(moved[2:], low + 1.0)], 0)
+
+
+def _lesion_square(mask: tf.Tensor, margin: float, box_jitter: float = 0.0,
+                   seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, side) of the square around the lesion box, enlarged by `margin` per side;
+    box_jitter > 0 first moves the box's edges (`jitter_box`, training only)."""
     box = tf.cast(lesion_box(mask), tf.float32)
+    if box_jitter:
+        box = jitter_box(box, box_jitter, seed)
     extent = tf.maximum(box[2] - box[0], box[3] - box[1])
     side = tf.math.ceil(extent * (1.0 + 2.0 * margin))
     top = tf.floor((box[0] + box[2] - side) / 2.0)
@@ -86,24 +112,34 @@ def _lesion_square(mask: tf.Tensor, margin: float) -> tuple[tf.Tensor, tf.Tensor
 
 
 def crop_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
-                margin: float = 0.1) -> tuple[tf.Tensor, tf.Tensor]:
+                margin: float = 0.1, box_jitter: float = 0.0,
+                seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """The masked lesion view and the resampled 0/1 mask it was multiplied with
     ([S, S, 3] and [S, S] uint8); shape features of the baseline read the second."""
     keep = _binary(mask, image)
-    top, left, side = _lesion_square(keep, margin)
+    top, left, side = _lesion_square(keep, margin, box_jitter, seed)
     return _square_resample(image, keep, top, left, side, output_size)
 
 
 def mask_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
-                margin: float = 0.1) -> tf.Tensor:
+                margin: float = 0.1, box_jitter: float = 0.0, seed: tf.Tensor | None = None) -> tf.Tensor:
     """uint8 [S, S, 3]: the lesion on black, centred in a square crop (see module docstring)."""
-    return crop_lesion(image, mask, output_size, margin)[0]
+    return crop_lesion(image, mask, output_size, margin, box_jitter, seed)[0]
+
+
+def context_view(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
+                 margin: float = 0.5, box_jitter: float = 0.0, seed: tf.Tensor | None = None) -> tf.Tensor:
+    """uint8 [S, S, 3]: the lesion's square (box + margin per side), every pixel kept; black
+    only beyond the image. No lesion: the whole frame's box, enlarged."""
+    keep = _binary(mask, image)
+    top, left, side = _lesion_square(keep, margin, box_jitter, seed)
+    return _square_resample(image, tf.ones_like(keep), top, left, side, output_size)[0]
 
 
 def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: int = CLASSIFIER_INPUT_SIZE,
-                margin: float = 0.1) -> tf.Tensor:
+                margin: float = 0.1, box_jitter: float = 0.0, seed: tf.Tensor | None = None) -> tf.Tensor:
     """uint8 [S, S, 3]: the whole image, centred and padded black to a square; ignores the mask."""
-    del mask, margin
+    del mask, margin, box_jitter, seed
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     side = tf.maximum(h, w)
@@ -112,11 +148,11 @@ def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: in
 
 
 def skin_only(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
-              margin: float = 0.1) -> tf.Tensor:
+              margin: float = 0.1, box_jitter: float = 0.0, seed: tf.Tensor | None = None) -> tf.Tensor:
     """uint8 [S, S, 3]: the whole frame with the lesion view's square blacked out."""
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
-    top, left, side = _lesion_square(_binary(mask, image), margin)
+    top, left, side = _lesion_square(_binary(mask, image), margin, box_jitter, seed)
     rows = tf.logical_and(tf.range(h) >= top, tf.range(h) < top + side)
     cols = tf.logical_and(tf.range(w) >= left, tf.range(w) < left + side)
     hidden = tf.logical_and(rows[:, None], cols[None, :])
@@ -126,8 +162,9 @@ def skin_only(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_I
 
 
 def view_fn(view: str) -> Callable[..., tf.Tensor]:
-    """The function for a view name in VIEWS: (image, mask, output_size, margin) -> uint8 image."""
-    views = {"lesion": mask_lesion, "whole": whole_frame, "skin": skin_only}
+    """The function for a view name in VIEWS: (image, mask, output_size, margin, box_jitter=0,
+    seed=None) -> uint8 image."""
+    views = {"lesion": mask_lesion, "context": context_view, "whole": whole_frame, "skin": skin_only}
     if view not in views:
         raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
     return views[view]

@@ -17,11 +17,11 @@ continues where it stopped. Profiles:
   the tuned recipe, no cross-validation; about 5 minutes on a 2-core CPU.
 - cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu_cascade` ResNet-101 FPN with cascade
   heads at 256 px for 1563 steps (60 CPU-minutes of a 2-core machine: the segmentation benchmark's
-  60-minute point, benchmarks/README.md) and the ImageNet-pretrained EfficientNet-Lite0
-  (`melanoma_efficientnet_lite0`), cross-validated in 5 folds so that its served threshold is
-  chosen for 90% sensitivity on out-of-fold predictions. With several --data-dir folders (ISIC
-  beside HAM10000) the segmenter trains on the first folder's masks and the classifier takes
-  the recipe measured for them (`several_downloads_overrides`).
+  60-minute point, benchmarks/README.md) and the ImageNet-pretrained EfficientNet-Lite0 on the
+  lesion in its context (`melanoma_efficientnet_lite0_context`), cross-validated in 5 folds so
+  that its served threshold is chosen for 90% sensitivity on out-of-fold predictions. With
+  several --data-dir folders (ISIC beside HAM10000) both train on the first folder only
+  (`several_downloads_overrides` says why).
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU. With
   several folders it takes the same segmenter and classifier overrides as `cpu`.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.
@@ -61,7 +61,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(seg_cfg.QUICK_EXPERIMENT, "melanoma_alexnet_tuned", cls_folds=0, cls_epochs=15),
-    "cpu": Profile(seg_cfg.CPU_CASCADE_EXPERIMENT, "melanoma_efficientnet_lite0", cls_folds=5,
+    "cpu": Profile(seg_cfg.CPU_CASCADE_EXPERIMENT, "melanoma_efficientnet_lite0_context", cls_folds=5,
                    seg_train_steps=1563),
     "paper": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=5),
     # Plumbing check for tests: the tiny test configs, a couple of minutes, learns nothing.
@@ -72,18 +72,22 @@ PROFILES = {
 
 
 # Profiles that take the recipe measured for sample v2 beside HAM10000 (benchmarks/README.md) when
-# --data-dir is given more than once: measured with the `cpu` profile (segmenter and classifier)
-# and with the paper's AlexNet (it learns with the balanced draw, variant APH; an unbalanced draw
-# was not measured for it).
+# --data-dir is given more than once.
 SEVERAL_DOWNLOADS = {"cpu", "paper"}
 
 
-def several_downloads_overrides(first_download: str) -> tuple[dict, dict]:
+def several_downloads_overrides(profile: str, first_download: str) -> tuple[dict, dict]:
     """(segmenter, classifier) overrides for records of several folders. The segmenter trains on
     the first folder's masks: HAM10000's cost 0.039 Jaccard at the same 60 CPU-minutes. The
-    classifier draws 2,400 images an epoch with each folder equally often (variant HB) and picks
-    its screening threshold on the first folder's out-of-fold images, which the test split is."""
+    `cpu` classifier trains on the first folder's images only: HAM10000's 200x150 images did not
+    help EfficientNet-Lite0 on unseen ISIC 2017 images with any input (issue 34: masked lesion
+    -0.023, whole image -0.001 AUC, paired). The paper's AlexNet learns from them (v2's
+    out-of-fold AUC 0.589 alone, 0.713 beside HAM10000, variant APH): it draws 2,400 images an
+    epoch with each folder equally often and picks its screening threshold on the first
+    folder's out-of-fold images, which the test split is."""
     seg = {"task": {"train_data": {"downloads": [first_download]}}}
+    if profile == "cpu":
+        return seg, {"data": {"downloads": [first_download]}}
     cls = {"data": {"epoch_images": 2400, "balance_downloads": True},
            "evaluation": {"operating_point_downloads": [first_download]}}
     return seg, cls
@@ -147,7 +151,7 @@ def run(data_dir: Path | Sequence[Path] | None, work_dir: Path, profile: str = "
               build_records)
     seg_override, cls_override = {}, prof.cls_override
     if len(data_dirs) > 1 and profile in SEVERAL_DOWNLOADS:
-        seg_override, cls_override = several_downloads_overrides(build_tfrecords.download_names(data_dirs)[0])
+        seg_override, cls_override = several_downloads_overrides(profile, build_tfrecords.download_names(data_dirs)[0])
 
     def train_segmentation():
         from melanoma_tf.tasks import lesion_segmentation
@@ -174,7 +178,7 @@ def run(data_dir: Path | Sequence[Path] | None, work_dir: Path, profile: str = "
         from melanoma_tf.serving import export_classifier, export_segmenter, versions
         # Versions are immutable: a retrained model becomes the next version, which the server serves.
         paths = {name: Path(versions.next_version(str(exports / name))) for name in (SEG_MODEL, CLS_MODEL)}
-        export_segmenter.export(seg_dir, paths[SEG_MODEL])
+        export_segmenter.export(seg_dir, paths[SEG_MODEL], classifier_dir=cls_dir)
         export_classifier.export(cls_dir, paths[CLS_MODEL])
         return {name: str(path) for name, path in paths.items()}
 
@@ -189,7 +193,7 @@ def run(data_dir: Path | Sequence[Path] | None, work_dir: Path, profile: str = "
         models = {name: str(exports / name) for name in (SEG_MODEL, CLS_MODEL)}
         with start_server(models, port=0) as server:
             print(f"[serve] embedded TF Serving API on {server.target}")
-            with MelanomaClient(server.target) as client:
+            with MelanomaClient(server.target, explain=True) as client:
                 test_dirs = [test_data_dir] if test_data_dir else data_dirs
                 metrics = evaluate.evaluate(
                     test_dirs, client, report_dir, image_ids=manifest["splits"]["test"],

@@ -8,8 +8,9 @@ from what `melanoma_tf.evaluate` leaves in the folder, so it can be re-rendered 
 Shows: the metrics beside the paper's published figures and the Otsu baseline, the ROC curve,
 Tables I and II, and a gallery of best, borderline and worst cases by Jaccard and by
 classification margin, each as the image with the predicted (yellow) and ground-truth (cyan)
-outlines next to the masked lesion the classifier saw (`masking.mask_lesion`, recomputed from
-the image and the predicted mask).
+outlines next to the classifier's input as served and its Grad-CAM heat map (`explained/`,
+written by `evaluate`; a report without it shows the masked lesion recomputed from the image
+and the predicted mask).
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ def outlined(image: np.ndarray, predicted: np.ndarray | None, truth: np.ndarray 
     return shown
 
 
+def explained(classifier_input: np.ndarray, heat_map: np.ndarray) -> np.ndarray:
+    """uint8 [S, 2S, 3]: the classifier's input beside it with its Grad-CAM heat map laid over
+    (jet: red where the melanoma probability drew most)."""
+    heat = cv2.applyColorMap(np.round(np.clip(heat_map, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    overlay = cv2.addWeighted(classifier_input, 0.55, cv2.cvtColor(heat, cv2.COLOR_BGR2RGB), 0.45, 0)
+    return np.concatenate([classifier_input, overlay], axis=1)
+
+
 def _fmt(key: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -225,7 +234,10 @@ def _case(row: dict, report_dir: Path, threshold: float) -> str:
             truth = load_mask(row["truth_mask_path"], *image.shape[:2])
         except BadInput:  # already listed under Problems; show the image without it
             truth = None
-    masked = masking.mask_lesion(tf.constant(image), tf.constant(predicted)).numpy()
+    if row.get("explained_path"):  # the classifier's input as served, and where it looked
+        seen = decode_rgb(report_dir / row["explained_path"])
+    else:  # an older report: the paper's view, recomputed
+        seen = masking.mask_lesion(tf.constant(image), tf.constant(predicted)).numpy()
     melanoma = row["melanoma"] == 1
     tag = '<span class="tag mel">melanoma</span>' if melanoma else '<span class="tag nev">nevus</span>'
     facts = [f"<b>{html.escape(row['image_id'])}</b>", tag]
@@ -239,7 +251,7 @@ def _case(row: dict, report_dir: Path, threshold: float) -> str:
         facts.append("no lesion found")
     alt = html.escape(row["image_id"])
     return (f'<figure class="case"><div class="pair"><img src="{png_data_uri(outlined(image, predicted, truth))}" '
-            f'alt="{alt} with mask outlines"><img src="{png_data_uri(masked)}" alt="{alt} as the classifier saw it">'
+            f'alt="{alt} with mask outlines"><img src="{png_data_uri(seen)}" alt="{alt} as the classifier saw it">'
             f'</div><figcaption>{" · ".join(facts)}</figcaption></figure>')
 
 
@@ -338,7 +350,9 @@ def render(metrics: Mapping, rows: Sequence[dict], report_dir: Path) -> str:
     parts.append('<h2>Cases</h2><p class="legend">Left: the image with the'
                  f'<span style="background:rgb{PREDICTED_RGB}"></span>predicted and'
                  f'<span style="background:rgb{TRUTH_RGB}"></span>ground-truth lesion outline. '
-                 "Right: the masked lesion the classifier saw.</p>")
+                 "Right: the classifier's input as the segmenter cut it and, beside it, where the classifier "
+                 "looked (Grad-CAM heat map of the melanoma probability; red: drew most). A score drawn by "
+                 "a ruler, ink, a sticker or the dark rim of the lens lights up there, not on the lesion.</p>")
     segmented = [r for r in rows if r.get("jaccard") is not None]
     if segmented:
         parts.append(_gallery("By Jaccard", f"Best and worst overlap with the ground truth; borderline: nearest "

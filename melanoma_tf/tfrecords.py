@@ -140,6 +140,16 @@ def parse_lesion(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     }
 
 
+_INDEX_FEATURES = {k: v for k, v in _LESION_FEATURES.items() if k.startswith("image/lesion/")}
+
+
+def parse_lesion_index(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """A record's label, fold, mask flags, image id and download folder, without decoding its
+    image or mask: what choosing the classifier's images needs."""
+    p = tf.io.parse_single_example(serialized, _INDEX_FEATURES)
+    return {key.rsplit("/", 1)[1]: value for key, value in p.items()}
+
+
 def from_downloads(records: tf.data.Dataset, downloads) -> tf.data.Dataset:
     """The serialized records of the listed download folders only (parses nothing else)."""
     wanted = tf.constant(list(downloads), tf.string)

@@ -327,3 +327,22 @@ def test_several_folders_balanced_with_the_threshold_chosen_on_the_first(tmp_pat
         task.train(tmp_path / "records", tmp_path / "run2", config_files=["cls_tiny_test.yaml"], params_override={
             "training": {"folds": 2, "epochs": 1, "final_model": False},
             "evaluation": {"target_sensitivity": 0.9, "operating_point_downloads": ["elsewhere"]}})
+
+
+def test_context_view_trains_on_jittered_boxes_with_a_served_like_operating_point(tmp_path):
+    """The `cpu` input end to end on records: the context view, boxes jittered in training, and
+    the screening threshold chosen on held-out views cut around jittered boxes."""
+    data = synthetic.generate_dataset(tmp_path / "data", num_images=28, seed=3, image_size=(96, 128))
+    build_tfrecords.build(data, tmp_path / "records", folds=2, seed=0, progress=False)
+    out = task.train(tmp_path / "records", tmp_path / "run", config_files=["cls_tiny_test.yaml"], params_override={
+        "data": {"view": "context", "margin": 0.5, "box_jitter": 0.1},
+        "training": {"folds": 2, "epochs": 1, "final_epochs": 1},
+        "evaluation": {"target_sensitivity": 0.9, "operating_point_box_jitter": 0.15}})
+    point = json.loads((tmp_path / "run" / "operating_point.json").read_text())
+    assert point["chosen_on"].endswith("their boxes jittered by 0.15")
+    assert out["test"]["threshold"] == point["threshold"]
+    predictions = [p for k in range(2) for p in
+                   json.loads((tmp_path / "run" / f"fold_{k}" / "result.json").read_text())["predictions"]]
+    served = np.array([p["melanoma_probability_served_like"] for p in predictions])
+    plain = np.array([p["melanoma_probability_last_epoch"] for p in predictions])
+    assert len(served) == len(plain) and not np.allclose(served, plain, atol=1e-6)

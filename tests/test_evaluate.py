@@ -249,7 +249,14 @@ def test_cli_evaluates_the_served_tiny_chain_end_to_end(served_report, synthetic
     rows = _rows(served_report)
     assert [r["image_id"] for r in rows] == sorted(p.stem for p in (synthetic_dir / "images").iterdir())
     assert len(list((served_report / "masks").glob("*_segmentation.png"))) == 40
+    # Every classified image: its served input beside its heat map, shown in the report's cases.
+    classified = [r for r in rows if r["status"] == "ok"]
+    assert classified and all(r["explained_path"] for r in classified)
+    assert not any(r["explained_path"] for r in rows if r["status"] != "ok")
+    shown = np.asarray(Image.open(served_report / classified[0]["explained_path"]))
+    assert shown.shape == (227, 454, 3)
     _check_page(served_report / "index.html")
+    assert "Grad-CAM" in (served_report / "index.html").read_text()
 
 
 def test_metrics_file_has_every_metric_with_a_ci(fake_report):

@@ -80,6 +80,25 @@ def test_outputs_are_consistent_and_match_the_trained_model(serving_fn, run_and_
     np.testing.assert_allclose(out["probabilities"], trained.predict(images, verbose=0), atol=1e-5)
 
 
+def test_explain_signature_gives_the_training_time_heat_map(run_and_export):
+    """`explain` answers as serving_default does, plus the Grad-CAM map of `modeling.grad_cam`
+    (the one function) at the input's size."""
+    from melanoma_tf.modeling import grad_cam
+
+    model = tf.saved_model.load(str(run_and_export[1]))
+    images = _images(2)
+    explained = {k: v.numpy() for k, v in model.signatures["explain"](masked_image=tf.constant(images)).items()}
+    served = {k: v.numpy() for k, v in model.signatures["serving_default"](masked_image=tf.constant(images)).items()}
+    for key, value in served.items():
+        np.testing.assert_allclose(explained[key], value, atol=1e-6)
+    heat = explained["heat_map"]
+    assert heat.shape == (2, 227, 227) and heat.dtype == np.float32 and 0 <= heat.min() and heat.max() <= 1
+    params, trained = export_classifier.load_trained(run_and_export[0])
+    size = params.data.input_size
+    assert size == 227  # the exports above take the served size as it is
+    np.testing.assert_allclose(heat, grad_cam.heat_map(trained, tf.constant(images)).numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize("bad", [np.zeros((1, 200, 200, 3), np.uint8), np.zeros((1, 227, 227, 3), np.float32),
                                  np.zeros((227, 227, 3), np.uint8)], ids=["shape", "dtype", "unbatched"])
 def test_bad_inputs_give_a_clear_error(serving_fn, bad):
@@ -107,3 +126,32 @@ def test_export_is_atomic_and_never_overwrites_a_version(run_and_export):
         export_classifier.export(model_dir, export_dir)
     assert sorted(p.name for p in export_dir.parent.iterdir()) == ["1"]
     assert (export_dir / "saved_model.pb").is_file() and (export_dir / "assets.extra" / "params.yaml").is_file()
+
+
+def test_fold_ensemble_serves_the_mean_of_its_members(tmp_path):
+    """Two folds with different weights: the ensemble export's probabilities are the mean of the
+    two members' (each the fold's best.weights.h5), under the same signature and threshold."""
+    params = task.resolve_params("melanoma_alexnet_paper", params_override={
+        "model": {"dense_units": [8]}, "training": {"folds": 2}})
+    configs.save_config(params, tmp_path / "params.yaml")
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": THRESHOLD}))
+    images = _images(4)
+    members = []
+    for k in range(2):
+        model = task.build_model(params, training=True)
+        task.adapt_normalization(model, images)
+        head = model.get_layer("probabilities")
+        head.set_weights([np.random.default_rng(10 + k).normal(0, 0.05, w.shape) for w in head.get_weights()])
+        (tmp_path / f"fold_{k}").mkdir()
+        model.save_weights(tmp_path / f"fold_{k}" / "best.weights.h5")
+        members.append(model.predict(images, verbose=0))
+    assert not np.allclose(members[0], members[1], atol=1e-3)
+    export_dir = export_classifier.export(tmp_path, tmp_path / "exports" / "melanoma_classifier" / "1",
+                                          fold_ensemble=True)
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    out = {k: v.numpy() for k, v in serve(masked_image=tf.constant(images)).items()}
+    np.testing.assert_allclose(out["probabilities"], np.mean(members, axis=0), atol=1e-5)
+    np.testing.assert_array_equal(out["threshold"], np.float32(THRESHOLD))
+    with pytest.raises(FileNotFoundError, match="fold_1"):  # a fold not trained yet
+        (tmp_path / "fold_1" / "best.weights.h5").unlink()
+        export_classifier.export(tmp_path, tmp_path / "exports" / "melanoma_classifier" / "2", fold_ensemble=True)

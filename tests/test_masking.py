@@ -21,16 +21,18 @@ def _lesion(h: int = 60, w: int = 90, seed: int = 0) -> tuple[np.ndarray, np.nda
     return image, mask
 
 
-def _reference(image: np.ndarray, mask: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def _reference(image: np.ndarray, mask: np.ndarray, size: int, margin: float,
+               keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Computed independently in NumPy: the lesion's square (box + margin, black padding), then
-    the bilinear resample of the raw pixels and the nearest-neighbour resample of the mask."""
+    the bilinear resample of the raw pixels and the nearest-neighbour resample of `keep` (default
+    the mask)."""
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     side = int(np.ceil(max(y1 - y0, x1 - x0) * (1 + 2 * margin)))
     top, left = int(np.floor((y0 + y1 - side) / 2)), int(np.floor((x0 + x1 - side) / 2))
     pad = side * 2
     big_image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    big_mask = np.pad(mask, ((pad, pad), (pad, pad)))
+    big_mask = np.pad(mask if keep is None else keep, ((pad, pad), (pad, pad)))
     crop = big_image[top + pad:top + pad + side, left + pad:left + pad + side]
     crop_mask = big_mask[top + pad:top + pad + side, left + pad:left + pad + side]
     pixels = tf.image.resize(crop.astype(np.float32), [size, size], "bilinear", antialias=True).numpy()
@@ -114,3 +116,45 @@ def test_skin_only_blacks_out_the_lesion_square_and_keeps_the_skin():
 def test_unknown_view_is_refused():
     with pytest.raises(ValueError, match="unknown view"):
         masking.view_fn("dermis")
+
+
+@pytest.mark.parametrize("margin", [0.25, 0.5, 1.0])
+def test_context_view_is_the_raw_square_with_nothing_blacked_out(margin):
+    """The lesion's square (box + margin per side) resampled as it is: equal to the NumPy
+    reference's raw pixels; black only where the square leaves the image (the lesion touches
+    the left edge, so with any margin part of the square is outside)."""
+    image, mask = _lesion()
+    out = masking.context_view(image, mask, SIZE, margin).numpy()
+    pixels, inside = _reference(image, mask, SIZE, margin, keep=np.ones_like(mask))
+    np.testing.assert_array_equal(out, pixels * inside[..., None])
+    black = (out == 0).all(-1)  # the test image has no black pixel of its own
+    np.testing.assert_array_equal(black, inside == 0)
+    assert black[:, 0].all() and not black.all()
+
+
+def test_context_view_beyond_every_border_and_without_a_lesion():
+    image = np.full((30, 40, 3), 120, np.uint8)
+    mask = np.ones((30, 40), np.uint8)  # the lesion fills the frame: the square overflows it all round
+    out = masking.context_view(image, mask, 80, 0.5).numpy()
+    side = 40 * 2  # longer side 40, plus half of it on each side
+    assert not out[:, :19].any() and not out[:, -19:].any(), "20 source px (20 output px) of padding left and right"
+    assert (out[36:44, 21:59] == 120).all()  # the image itself, in the middle
+    assert out.shape == (80, 80, 3) and side == 80
+    empty = masking.context_view(image, np.zeros((30, 40), np.uint8), 80, 0.5).numpy()
+    np.testing.assert_array_equal(empty, out)  # no lesion: the frame's own box
+
+
+def test_box_jitter_moves_each_edge_within_its_share_and_is_reproducible():
+    box = tf.constant([20, 30, 40, 90])  # 20 high, 60 wide
+    seeds = [tf.constant([0, s]) for s in range(200)]
+    moved = np.stack([masking.jitter_box(box, 0.1, s).numpy() for s in seeds])
+    shift = moved - np.array([20, 30, 40, 90])
+    assert (np.abs(shift[:, [0, 2]]) <= 2.0 + 1e-5).all() and (np.abs(shift[:, [1, 3]]) <= 6.0 + 1e-5).all()
+    assert np.abs(shift).max(0).min() > 1.0, "every edge moves"
+    np.testing.assert_array_equal(masking.jitter_box(box, 0.1, seeds[3]).numpy(), moved[3])
+    np.testing.assert_array_equal(masking.jitter_box(box, 0.0, seeds[3]).numpy(), [20, 30, 40, 90])
+    tiny = np.stack([masking.jitter_box(tf.constant([5, 5, 6, 6]), 3.0, s).numpy() for s in seeds[:50]])
+    assert (tiny[:, 2:] - tiny[:, :2] >= 1.0 - 1e-5).all(), "a jittered box keeps at least one pixel"
+    image, mask = _lesion()
+    views = {masking.context_view(image, mask, SIZE, 0.5, 0.2, s).numpy().tobytes() for s in seeds[:5]}
+    assert len(views) == 5

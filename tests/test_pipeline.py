@@ -78,7 +78,7 @@ class _Stop(Exception):
 
 
 @pytest.mark.parametrize("profile", ["cpu", "paper"])
-def test_two_folders_train_the_segmenter_on_the_first_and_balance_the_classifier(profile, tmp_path, monkeypatch):
+def test_two_folders_train_the_segmenter_on_the_first_and_the_classifier_by_evidence(profile, tmp_path, monkeypatch):
     """Which settings reach the two trainings (both replaced: the real ones take hours)."""
     from melanoma_tf.data import synthetic
     from melanoma_tf.tasks import lesion_segmentation, melanoma_classification
@@ -103,8 +103,12 @@ def test_two_folders_train_the_segmenter_on_the_first_and_balance_the_classifier
         pipeline.run([isic, ham], tmp_path / "work", profile=profile)
     assert seen["seg"] == ["isic"]
     cls = seen["cls"]
-    assert cls.data.balance_downloads and cls.data.epoch_images == 2400
-    assert cls.evaluation.operating_point_downloads == ["isic"] and cls.training.folds == 5
+    assert cls.training.folds == 5
+    if profile == "cpu":  # HAM10000 did not help this classifier: it trains on the first folder
+        assert cls.data.downloads == ["isic"] and not cls.data.balance_downloads and cls.data.view == "context"
+    else:
+        assert cls.data.balance_downloads and cls.data.epoch_images == 2400 and not cls.data.downloads
+        assert cls.evaluation.operating_point_downloads == ["isic"] and cls.data.view == "lesion"
     with pytest.raises(_Stop):  # one folder: the profile as it was
         pipeline.run(isic, tmp_path / "one", profile=profile)
-    assert seen["seg"] == [] and not seen["cls"].data.balance_downloads
+    assert seen["seg"] == [] and not seen["cls"].data.balance_downloads and not seen["cls"].data.downloads

@@ -254,6 +254,35 @@ def test_export_signature_shapes_dtypes_and_bad_images(seg_export, synthetic_dir
     np.testing.assert_array_equal(tensor_out["lesion_mask"][0].numpy(), out["lesion_mask"][0][:height, :width])
 
 
+def test_export_computes_the_view_its_classifier_trained_on(tiny_seg_run, synthetic_dir, tmp_path):
+    """`masked_image` is the context view of the served mask when the classifier run trained on
+    it: the same pixels as the training function (`masking.context_view`) for the same image and
+    mask, and assets.extra says which view it is."""
+    from melanoma_tf.configs import classification as cls_cfg
+    from melanoma_tf.export import main as export_main
+
+    cls_run = tmp_path / "cls"
+    cls_run.mkdir()
+    cls_cfg.save_config(cls_cfg.build_config("melanoma_efficientnet_lite0_context"), cls_run / "params.yaml")
+    export = tmp_path / "lesion_segmenter" / "1"
+    assert export_main(["--stage", "seg", "--model-dir", str(tiny_seg_run), "--export-dir", str(export),
+                        "--classifier-model-dir", str(cls_run)]) == 0
+    assert json.loads((export / export_segmenter.CLASSIFIER_INPUT_FILE).read_text()) == {
+        "view": "context", "margin": 0.5, "size": 227}
+    serve = tf.saved_model.load(str(export)).signatures["serving_default"]
+    paths = sorted((synthetic_dir / "images").glob("*.jpg"))[:4]
+    out = serve(image_bytes=tf.constant([p.read_bytes() for p in paths]))
+    found = 0
+    for i, path in enumerate(paths):
+        image = tf.io.decode_image(path.read_bytes(), channels=3)
+        h, w = image.shape[:2]
+        mask = out["lesion_mask"].numpy()[i][:h, :w]
+        want = masking.context_view(image, tf.constant(mask), 227, 0.5).numpy()
+        np.testing.assert_array_equal(out["masked_image"].numpy()[i], want)
+        found += bool(mask.any())
+    assert found, "the tiny segmenter found no lesion: the test would not compare a lesion's square"
+
+
 def test_export_has_warmup_requests_that_it_answers(seg_export):
     requests = warmup.read_warmup_requests(seg_export)
     assert len(requests) == 1 and requests[0].model_spec.name == export_segmenter.MODEL_NAME

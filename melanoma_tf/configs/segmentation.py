@@ -66,8 +66,12 @@ class LesionSegmentationTask(maskrcnn.MaskRCNNTask):
         default_factory=lambda: LesionDataConfig(is_training=False, drop_remainder=False))
     # ISIC 2018 scores a Jaccard below this as 0.
     jaccard_threshold: float = 0.65
-    # Output size of the masked image the segmenter hands the classifier.
+    # The classifier input the segmenter's export computes in its graph (`masking.view_fn`): its
+    # size, view and margin. `export --stage seg --classifier-model-dir` takes the view and
+    # margin the classifier trained on.
     classifier_input_size: int = contract.CLASSIFIER_INPUT_SIZE
+    classifier_view: str = "lesion"
+    classifier_margin: float = 0.1
 
 
 def _optimizer(lr: float, steps: int, warmup_steps: int) -> optimization.OptimizationConfig:

@@ -22,14 +22,18 @@ def fold_metrics(labels: np.ndarray, score: np.ndarray, threshold: float) -> dic
 
 
 def fold_result(k: int, train: LesionSet, held: LesionSet, best: np.ndarray, last: np.ndarray,
-                best_epoch: int, threshold: float) -> dict:
-    """One fold's sizes, metrics at its best and last epoch, and held-out predictions."""
+                best_epoch: int, threshold: float, served_like: np.ndarray | None = None) -> dict:
+    """One fold's sizes, metrics at its best and last epoch, and held-out predictions (with
+    `served_like`, also the last epoch's on views cut around jittered boxes)."""
+    predictions = [{"image_id": i, "download": d, "label": int(y), "melanoma_probability": float(b),
+                    "melanoma_probability_last_epoch": float(s)}
+                   for i, d, y, b, s in zip(held.image_ids, held.downloads, held.labels, best, last)]
+    if served_like is not None:
+        for p, served in zip(predictions, served_like):
+            p["melanoma_probability_served_like"] = float(served)
     return {"fold": k, "n_train": len(train), "n_val": len(held), "n_val_melanoma": int(held.labels.sum()),
             "best_epoch": best_epoch, "metrics": fold_metrics(held.labels, best, threshold),
-            "metrics_last_epoch": fold_metrics(held.labels, last, threshold),
-            "predictions": [{"image_id": i, "download": d, "label": int(y), "melanoma_probability": float(b),
-                             "melanoma_probability_last_epoch": float(s)}
-                            for i, d, y, b, s in zip(held.image_ids, held.downloads, held.labels, best, last)]}
+            "metrics_last_epoch": fold_metrics(held.labels, last, threshold), "predictions": predictions}
 
 
 def evaluate(labels: np.ndarray, score: np.ndarray, params: configs.ClassificationExperiment,
@@ -55,12 +59,15 @@ def operating_point(cv: dict, params: configs.ClassificationExperiment, model_di
         raise ValueError(f"evaluation.operating_point_downloads {downloads}: no out-of-fold prediction "
                          "comes from these download folders")
     labels = np.array([p["label"] for p in oof])
-    score = np.array([p["melanoma_probability_last_epoch"] for p in oof])
+    jitter = params.evaluation.operating_point_box_jitter
+    column = "melanoma_probability_served_like" if jitter else "melanoma_probability_last_epoch"
+    score = np.array([p[column] for p in oof])
     threshold = metrics.threshold_for_sensitivity(labels, score, target)
     chosen = metrics.classification_metrics(labels, score, threshold)
     point = {"threshold": threshold, "target_sensitivity": target,
              "chosen_on": f"out-of-fold predictions (last epoch) of {len(labels)} training images"
-                          + (f" from {', '.join(downloads)}" if downloads else ""),
+                          + (f" from {', '.join(downloads)}" if downloads else "")
+                          + (f", their boxes jittered by {jitter}" if jitter else ""),
              "sensitivity": chosen["sensitivity"], "specificity": chosen["specificity"]}
     atomic.write_json(model_dir / metrics.OPERATING_POINT_FILE, point)
     print(f"operating point: threshold {threshold:.4f} gives sensitivity {point['sensitivity']:.3f}, "

@@ -1,7 +1,7 @@
 """A melanoma classifier on an ImageNet-pretrained backbone: masked lesion -> probabilities.
 
     uint8 masked_image [S, S, 3] -> resize to working size -> augmentation (training only)
-        -> backbone (pretrained, pooled) -> dropout [-> + lesion descriptors] -> 2-way softmax
+        -> backbone (pretrained) -> average pooling -> dropout [-> + lesion descriptors] -> 2-way softmax
 
 Backbones (`model.backbone`):
 - 'efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2': `efficientnet_lite`,
@@ -29,11 +29,12 @@ SELF_PREPROCESSING = ("EfficientNet", "ConvNeXt")  # Keras Applications that tak
 
 
 def backbone(name: str, weights: str, input_size: int) -> keras.Model:
-    """Pooled ImageNet features [B, C] of float [0, 255] RGB images [B, input_size, input_size, 3]."""
+    """ImageNet feature maps [B, h, w, C] of float [0, 255] RGB images [B, input_size, input_size, 3]
+    (pooled outside, so that `grad_cam` can read the maps)."""
     shape = (input_size, input_size, 3)
     variant = name.removeprefix("efficientnet_")
     if variant in efficientnet_lite.VARIANTS:
-        model = efficientnet_lite.efficientnet_lite(variant, shape, include_top=False, pooling="avg")
+        model = efficientnet_lite.efficientnet_lite(variant, shape, include_top=False)
         if weights:
             efficientnet_lite.load_imagenet_weights(model, None if weights == "imagenet" else weights)
         return model
@@ -41,7 +42,7 @@ def backbone(name: str, weights: str, input_size: int) -> keras.Model:
     if application is None or not name.startswith(SELF_PREPROCESSING):
         raise ValueError(f"model.backbone={name!r}: expected 'alexnet', 'efficientnet_lite0/1/2' or a Keras "
                          f"Applications model that preprocesses its own input ({', '.join(SELF_PREPROCESSING)}*)")
-    return application(include_top=False, weights=weights or None, input_shape=shape, pooling="avg")
+    return application(include_top=False, weights=weights or None, input_shape=shape)
 
 
 def freeze(model: keras.Model, trainable_from: str) -> None:
@@ -72,7 +73,7 @@ def classifier(input_size: int = 227, backbone_name: str = "efficientnet_lite0",
         x = augment(x)
     features = backbone(backbone_name, backbone_weights, working_size or input_size)
     freeze(features, trainable_from)
-    x = features(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(features(x))
     if dropout:
         x = layers.Dropout(dropout, name="head_dropout")(x)
     if descriptors:

@@ -9,6 +9,9 @@ The serving contract (the gRPC client is built against exactly these names):
               class_id              int32   [None]             (1 = melanoma, at probability >= threshold)
               threshold             float32 [None]             (the decision threshold class_id used)
 
+    signature 'explain': the same input and outputs, and
+              heat_map              float32 [None, 227, 227]   (Grad-CAM of the melanoma probability, 0-1)
+
 The input is the masked lesion as the segmenter's export produces it
 (`contract.CLASSIFIER_INPUT_SIZE`), whatever size the classifier trained at (`data.input_size`):
 another size is resized in the graph, so any classifier export chains with any segmenter
@@ -33,7 +36,7 @@ from official.core import export_base
 from melanoma_tf import contract, storage
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
-from melanoma_tf.modeling import factory
+from melanoma_tf.modeling import factory, grad_cam
 from melanoma_tf.serving import versions, warmup
 
 SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
@@ -55,22 +58,33 @@ class ClassifierModule(export_base.ExportModule):
         # pretrained backbone), which the traced call captures even at inference.
         self.model_variables = [v.value for v in model.variables]
 
-    def serve(self, masked_image: tf.Tensor) -> Mapping[str, tf.Tensor]:
+    def _model_input(self, masked_image: tf.Tensor) -> tf.Tensor:
         # A loaded signature checks the dtype but not the shape; say which input is wrong.
         masked_image = tf.ensure_shape(masked_image, [None, INPUT_SIZE, INPUT_SIZE, 3], name=contract.MASKED_IMAGE)
         if self.model_size != INPUT_SIZE:  # as masking would have made it at the training size
             masked_image = tf.cast(tf.round(tf.image.resize(masked_image, [self.model_size] * 2, antialias=True)),
                                    tf.uint8)
-        probabilities = tf.cast(self.inference_step(masked_image), tf.float32)
+        return masked_image
+
+    def serve(self, masked_image: tf.Tensor) -> Mapping[str, tf.Tensor]:
+        probabilities = tf.cast(self.inference_step(self._model_input(masked_image)), tf.float32)
         melanoma = probabilities[:, contract.CLASS_NAMES.index("melanoma")]
         return {"melanoma_probability": melanoma, "probabilities": probabilities,
                 "class_id": tf.cast(melanoma >= self.threshold, tf.int32),
                 "threshold": tf.fill(tf.shape(melanoma), tf.constant(self.threshold, tf.float32))}
 
+    def explain(self, masked_image: tf.Tensor) -> Mapping[str, tf.Tensor]:
+        """`serve`'s outputs and the Grad-CAM heat map of the melanoma probability
+        (`modeling.grad_cam`) at the input's size: for reports and audits, not for every call."""
+        heat = grad_cam.heat_map(self.model, self._model_input(masked_image))
+        return {**self.serve(masked_image),
+                contract.HEAT_MAP: tf.image.resize(heat[..., None], [INPUT_SIZE, INPUT_SIZE])[..., 0]}
+
     def get_inference_signatures(self, function_keys: Mapping[str, str]) -> dict:
         spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8, name=contract.MASKED_IMAGE)
-        serve = tf.function(self.serve, input_signature=[spec])
-        return {key: serve.get_concrete_function() for key in function_keys.values()}
+        fns = {SIGNATURE: self.serve, contract.EXPLAIN_SIGNATURE: self.explain}
+        return {key: tf.function(fns[key], input_signature=[spec]).get_concrete_function()
+                for key in function_keys.values()}
 
 
 def decision_threshold(model_dir: str | Path, params: configs.ClassificationExperiment) -> float:
@@ -101,19 +115,44 @@ def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
     return params, factory.inference_model(trained, params)
 
 
+def load_fold_ensemble(model_dir: str | Path) -> tuple[configs.ClassificationExperiment, keras.Model]:
+    """The run's params and one network that averages the probabilities of its cross-validation
+    folds' models (each fold's `best.weights.h5`): the five models cross-validation trained
+    anyway, served as one."""
+    model_dir = storage.path(model_dir)
+    params = configs.load_config(model_dir / "params.yaml")
+    if params.training.folds < 2:
+        raise ValueError(f"{model_dir}: a fold ensemble needs a cross-validated run "
+                         f"(training.folds={params.training.folds})")
+    members = []
+    for k in range(params.training.folds):
+        network = load_trained(model_dir, model_dir / f"fold_{k}" / "best.weights.h5")[1]
+        members.append(keras.Model(network.inputs[0], network.outputs[0], name=f"fold_{k}"))
+    image = keras.Input(members[0].inputs[0].shape[1:], dtype=members[0].inputs[0].dtype, name="image")
+    mean = keras.layers.Average(name="fold_mean")([member(image) for member in members])
+    return params, keras.Model(image, mean, name="fold_ensemble")
+
+
 def warmup_images(batch: int = 2) -> np.ndarray:
     """TF Serving warm-up input: a small batch of black to mid-grey masked images."""
     return np.stack([np.full((INPUT_SIZE, INPUT_SIZE, 3), v, np.uint8) for v in np.linspace(0, 128, batch)])
 
 
-def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path | None = None,
+           fold_ensemble: bool = False) -> Path:
     """Writes the SavedModel (+ warm-up requests and the run's params.yaml in assets.extra) into a
-    temporary sibling folder and renames it to export_dir, so TF Serving never sees half a version."""
+    temporary sibling folder and renames it to export_dir, so TF Serving never sees half a version.
+    fold_ensemble: serve the mean of the cross-validation folds' models (`load_fold_ensemble`)
+    instead of the final model, under the same signature and the run's operating point (chosen
+    on the folds' out-of-fold predictions)."""
     export_dir, model_dir = storage.path(export_dir), storage.path(model_dir)
+    if fold_ensemble and checkpoint:
+        raise ValueError("a fold ensemble is made of the folds' weights: give no checkpoint")
     with versions.writing_version(export_dir) as tmp:
-        params, model = load_trained(model_dir, checkpoint)
+        params, model = load_fold_ensemble(model_dir) if fold_ensemble else load_trained(model_dir, checkpoint)
         module = ClassifierModule(params, model, decision_threshold(model_dir, params))
-        export_base.export(module, [SIGNATURE], str(tmp), timestamped=False)
+        export_base.export(module, {key: key for key in (SIGNATURE, contract.EXPLAIN_SIGNATURE)}, str(tmp),
+                           timestamped=False)
         (tmp / "assets.extra").mkdir(exist_ok=True)
         warmup.write_warmup_requests(tmp, export_dir.parent.name or contract.CLASSIFIER,
                                      {contract.MASKED_IMAGE: warmup_images()}, SIGNATURE)

@@ -8,7 +8,9 @@ what the classifier and a client need, so a client does no image processing of i
     image_size    int32 [N, 2]           (height, width); (0, 0) when the image was not decodable
     lesion_box    float32 [N, 4]         (ymin, xmin, ymax, xmax) in image pixels
     lesion_score  float32 [N]
-    masked_image  uint8 [N, S, S, 3]     `masking.mask_lesion` of the image: the classifier's input
+    masked_image  uint8 [N, S, S, 3]     the classifier's input: the view of the image and its mask
+                                         that the classifier trained on (`masking.view_fn`; the
+                                         paper's masked lesion, or the lesion in its context)
     status        int32 [N]              0 ok, 1 no lesion found, 2 not a decodable image,
                                          3 larger than contract.MAX_IMAGE_PIXELS (not decoded)
 
@@ -31,7 +33,7 @@ from official.modeling import hyperparams
 from official.vision.ops import spatial_transform_ops
 from official.vision.serving import detection
 
-from melanoma_tf import contract, masking, storage
+from melanoma_tf import atomic, contract, masking, storage
 from melanoma_tf.configs import segmentation as seg_cfg  # noqa: F401  (registers configs)
 from melanoma_tf.serving import image_header, versions, warmup
 
@@ -46,6 +48,8 @@ class LesionSegmenterModule(detection.DetectionModule):
         kwargs.setdefault("input_image_size", params.task.model.input_size[:2])
         super().__init__(params, batch_size=None, **kwargs)
         self._classifier_size = params.task.classifier_input_size
+        self._view = masking.view_fn(params.task.classifier_view)
+        self._margin = params.task.classifier_margin
 
     def _run_model(self, images: tf.Tensor, sizes: tf.Tensor) -> dict[str, tf.Tensor]:
         """Detections for k decoded images, zero-padded to [k, Hmax, Wmax, 3] with true `sizes`."""
@@ -81,8 +85,8 @@ class LesionSegmenterModule(detection.DetectionModule):
                 masks[best][None, :, :, None], box[None], canvas)[0, :, :, 0]
             inside = (tf.range(canvas[0])[:, None] < size[0]) & (tf.range(canvas[1])[None, :] < size[1])
             mask = tf.cast((pasted > MASK_THRESHOLD) & inside & found, tf.uint8)
-            masked = masking.mask_lesion(image[:size[0], :size[1]], mask[:size[0], :size[1]],
-                                         self._classifier_size)
+            masked = self._view(image[:size[0], :size[1]], mask[:size[0], :size[1]], self._classifier_size,
+                                self._margin)
             status = tf.where(tf.reduce_any(mask > 0), contract.STATUS_OK, contract.STATUS_NO_LESION)
             score = tf.where(found, scores[best], 0.0)
             return mask, box, score, masked, status
@@ -161,19 +165,39 @@ def _warmup_image(size: int = 128) -> bytes:
     return tf.io.encode_jpeg(rgb).numpy()
 
 
-def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None = None) -> Path:
+CLASSIFIER_INPUT_FILE = "assets.extra/classifier_input.json"
+
+
+def export(model_dir: Path | str, export_dir: Path | str, checkpoint: str | None = None,
+           classifier_dir: Path | str | None = None) -> Path:
     """Writes a SavedModel of the checkpoint (default: latest in model_dir) to `export_dir`
-    (a numeric version folder), atomically, with TF Serving warm-up requests."""
+    (a numeric version folder), atomically, with TF Serving warm-up requests. classifier_dir: a
+    classifier run whose view and margin `masked_image` then computes (default: the segmenter
+    config's `classifier_view` and `classifier_margin`); assets.extra/classifier_input.json
+    says which."""
     model_dir, export_dir = storage.path(model_dir), storage.path(export_dir)
     with versions.writing_version(export_dir) as tmp:
         params = read_params(model_dir)
+        if classifier_dir is not None:
+            params = with_classifier_input(params, classifier_dir)
         checkpoint = checkpoint or tf.train.latest_checkpoint(str(model_dir))
         if checkpoint is None:
             raise FileNotFoundError(f"{model_dir}: no checkpoint to export")
         export_base.export(LesionSegmenterModule(params), function_keys=SIGNATURES,
                            export_savedmodel_dir=str(tmp), checkpoint_path=checkpoint, timestamped=False)
         warmup.write_warmup_requests(tmp, MODEL_NAME, {"image_bytes": np.array([_warmup_image()])})
+        t = params.task
+        atomic.write_json(tmp / CLASSIFIER_INPUT_FILE, {
+            "view": t.classifier_view, "margin": t.classifier_margin, "size": t.classifier_input_size})
     return export_dir
+
+
+def with_classifier_input(params: cfg.ExperimentConfig, classifier_dir: Path | str) -> cfg.ExperimentConfig:
+    """The segmenter params with the view and margin of the classifier run in classifier_dir."""
+    from melanoma_tf.configs import classification as cls_cfg
+
+    data = cls_cfg.load_config(storage.path(classifier_dir) / "params.yaml").data
+    return params.replace(task={"classifier_view": data.view, "classifier_margin": data.margin})
 
 
 def read_params(model_dir: Path) -> cfg.ExperimentConfig:

@@ -52,10 +52,13 @@ def build_model(params: configs.ClassificationExperiment, training: bool = True)
     return factory.build_classifier(params, training)
 
 
-def adapt_normalization(model: keras.Model, images: np.ndarray) -> None:
+def adapt_normalization(model: keras.Model, images: np.ndarray | tf.data.Dataset) -> None:
     """Sets the model's Normalization layers to the mean and variance of the training images'
-    pixels and, with model.descriptors, of their lesion descriptors."""
-    pixels = tf.data.Dataset.from_tensor_slices(images).batch(64).map(lambda x: tf.cast(x, tf.float32))
+    pixels (uint8 images, or a dataset of their batches) and, with model.descriptors, of their
+    lesion descriptors."""
+    if isinstance(images, np.ndarray):
+        images = tf.data.Dataset.from_tensor_slices(images).batch(64)
+    pixels = images.map(lambda x: tf.cast(x, tf.float32))
     names = {layer.name for layer in model.layers}
     if "normalization" in names and isinstance(model.get_layer("normalization"), keras.layers.Normalization):
         model.get_layer("normalization").adapt(pixels)
@@ -136,7 +139,7 @@ def fit(train: inputs.LesionSet, val: inputs.LesionSet | None, params: configs.C
         print(f"initialised {', '.join(loaded)} from {params.model.init_checkpoint}")
     if params.data.balance_downloads:
         train = inputs.balance_downloads(train)
-    adapt_normalization(model, train.images)
+    adapt_normalization(model, inputs.images(train, params.data, in_order=False))
     ds, steps, class_weight = inputs.training_dataset(train, params)
     model.compile(
         optimizer=optimization.build_optimizer(
@@ -148,7 +151,7 @@ def fit(train: inputs.LesionSet, val: inputs.LesionSet | None, params: configs.C
     cbs: list[keras.callbacks.Callback] = [CSVLogger(str(run_dir / "history.csv"), append=True)]
     val_ds = None
     if val is not None:
-        val_ds = inputs.validation_dataset(val, params.data.batch_size)
+        val_ds = inputs.validation_dataset(val, params.data)
         best_so_far = max((float(r["val_auc"]) for r in past), default=None)
         cbs.append(keras.callbacks.ModelCheckpoint(
             str(best_path), monitor="val_auc", mode="max", save_best_only=True, save_weights_only=True,
@@ -169,12 +172,19 @@ def fit(train: inputs.LesionSet, val: inputs.LesionSet | None, params: configs.C
     return model, int(best["epoch"]) + 1
 
 
-def predict(model: keras.Model, images: np.ndarray, tta: bool = False, batch_size: int = 64) -> np.ndarray:
-    """Melanoma probabilities [N]; with tta, the mean over the 8 flips/rotations of each image."""
+def predict(model: keras.Model, images: np.ndarray | tf.data.Dataset, tta: bool = False,
+            batch_size: int = 64) -> np.ndarray:
+    """Melanoma probabilities [N] of uint8 images, or of a dataset of uint8 batches
+    (`inputs.images`); with tta, the mean over the 8 flips/rotations of each image."""
     def melanoma(x: np.ndarray) -> np.ndarray:
-        return model.predict(x, batch_size=batch_size, verbose=0)[:, inputs.MELANOMA]
+        return model.predict_on_batch(x)[:, inputs.MELANOMA]
 
-    return tta_lib.average(melanoma, images) if tta else melanoma(images)
+    if isinstance(images, np.ndarray):
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    else:
+        batches = (batch.numpy() for batch in images)
+    scores = [tta_lib.average(melanoma, x) if tta else melanoma(x) for x in batches]
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
 def params_digest(params: configs.ClassificationExperiment) -> str:
@@ -202,10 +212,13 @@ def train_fold(data: inputs.LesionSet, params: configs.ClassificationExperiment,
     print(f"fold {k + 1}/{num_folds}: {len(train)} training images ({train.labels.sum()} melanoma), "
           f"{len(held)} held out ({held.labels.sum()} melanoma)")
     model, best_epoch = fit(train, held, params, run_dir, params.training.epochs, callbacks)
-    last = predict(model, held.images, params.evaluation.tta)
+    ev = params.evaluation
+    last = predict(model, inputs.images(held, params.data), ev.tta)
+    served_like = (predict(model, inputs.images(held, params.data, box_jitter=ev.operating_point_box_jitter), ev.tta)
+                   if ev.operating_point_box_jitter else None)
     model.load_weights(str(run_dir / "best.weights.h5"))
-    best = predict(model, held.images, params.evaluation.tta)
-    result = cross_validation.fold_result(k, train, held, best, last, best_epoch, params.evaluation.threshold)
+    best = predict(model, inputs.images(held, params.data), ev.tta)
+    result = cross_validation.fold_result(k, train, held, best, last, best_epoch, ev.threshold, served_like)
     result["params_digest"] = params_digest(params)
     atomic.write_json(done, result)
     auc = result["metrics"]["roc_auc"] if result["metrics"] else float("nan")
@@ -311,7 +324,7 @@ def resolve_params(experiment: str | None = None, config_files: Sequence[str] = 
 
 def _read_train_split(data_dir: str | Path, params: configs.ClassificationExperiment
                       ) -> tuple[inputs.LesionSet, inputs.LesionSet | None]:
-    data = inputs.read_lesions(data_dir, "train", params.data)
+    data = inputs.read_index(data_dir, "train", params.data)
     print(f"train split: {len(data)} images ({data.labels.sum()} melanoma), view {params.data.view!r}")
     negatives = None
     if params.data.other_as_negative:
@@ -343,11 +356,11 @@ def summarize(data_dir: str | Path, params: configs.ClassificationExperiment, mo
     if t.final_model:
         model = keras.models.load_model(str(final_path), compile=False)  # see export_classifier.load_trained
         try:
-            test = inputs.read_lesions(data_dir, "test", params.data)
+            test = inputs.read_index(data_dir, "test", params.data)
         except (FileNotFoundError, ValueError) as e:
             print(f"no test evaluation: {e}")
         else:
-            score = predict(model, test.images, params.evaluation.tta)
+            score = predict(model, inputs.images(test, params.data), params.evaluation.tta)
             out["test"] = cross_validation.evaluate(test.labels, score, params, threshold)
             out["test"]["calibration"] = metrics.calibration(test.labels, score)
             atomic.write_json(model_dir / "test_metrics.json", out["test"])

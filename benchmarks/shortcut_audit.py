@@ -1,0 +1,116 @@
+"""Is a classifier's score drawn by what surrounds the lesion? The test split with and without
+ink or stickers, rulers and dark dermoscope rims, two cross-validated runs paired.
+
+    python benchmarks/shortcut_audit.py --run runs/benchmark_cls/C50 --baseline runs/benchmark_cls/E \
+        --records tfrecords/isic-sample
+
+Reads each run's test-split predictions (`predictions.csv`, its final model on the test split)
+and served threshold (`test_metrics.json`), tags each test image from its pixels and
+ground-truth mask (`worst_segmentations.attributes`, and long straight lines outside the lesion
+for rulers), and reports, per tag and for the images with none of them: ROC AUC and the
+specificity and sensitivity at each run's threshold, with the run-minus-baseline AUC difference
+paired on the same images. A context view that learned markers would gain on the tagged images
+and not on the clean ones. Writes benchmarks/results/shortcut-audit-<run>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from worst_segmentations import attributes, test_images
+
+from melanoma_tf import atomic
+from melanoma_tf.evaluation import classification as metrics
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Tag thresholds: a share of the frame (ink/sticker colours, the black rim) or a line count.
+INK_OR_STICKER, DARK_RIM, RULER_LINES = 0.005, 0.05, 1
+
+
+def ruler_lines(image: np.ndarray, mask: np.ndarray) -> int:
+    """Long straight edges outside the lesion (a ruler's side or scale; hair is curved and short):
+    probabilistic Hough segments at least a third of the image's shorter side long."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    edges = cv2.Canny(gray, 60, 160)
+    edges[cv2.dilate((mask > 0).astype(np.uint8), np.ones((15, 15), np.uint8)) > 0] = 0
+    side = min(gray.shape)
+    lines = cv2.HoughLinesP(edges, 1, np.pi / 180, threshold=60, minLineLength=side // 3, maxLineGap=4)
+    return 0 if lines is None else len(lines)
+
+
+def tags(image: np.ndarray, mask: np.ndarray) -> dict[str, bool]:
+    a = attributes(image, mask)
+    return {"ink_or_sticker": a["sticker_or_ink_fraction"] >= INK_OR_STICKER,
+            "dark_rim": a["dark_frame_fraction"] >= DARK_RIM,
+            "ruler": ruler_lines(image, mask) >= RULER_LINES}
+
+
+def test_predictions(run: Path) -> tuple[dict[str, tuple[int, float]], float]:
+    with (run / "predictions.csv").open() as f:
+        rows = {r["image_id"]: (int(r["label"]), float(r["melanoma_probability"]))
+                for r in csv.DictReader(f) if r["split"] == "test"}
+    return rows, json.loads((run / "test_metrics.json").read_text())["threshold"]
+
+
+def group_metrics(labels: np.ndarray, score: np.ndarray, threshold: float, n_boot: int) -> dict:
+    if len(set(labels.tolist())) < 2:
+        return {"images": len(labels), "melanoma": int(labels.sum()), "note": "one class only: no AUC"}
+    m = metrics.metrics_with_ci(labels, score, threshold, n=n_boot, seed=0)
+    return {"images": len(labels), "melanoma": int(labels.sum()),
+            **{k: m[k] for k in ("roc_auc", "sensitivity", "specificity")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="the classifier run audited (its final model's test rows)")
+    p.add_argument("--baseline", type=Path, required=True, help="the run it is paired with, e.g. the masked lesion")
+    p.add_argument("--records", type=Path, required=True, help="the records both were trained and tested on")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args(argv)
+    run, run_threshold = test_predictions(args.run)
+    base, base_threshold = test_predictions(args.baseline)
+    images = test_images(args.records)
+    ids = sorted(set(run) & set(base) & set(images))
+    tagged = {i: tags(*images[i]) for i in ids}
+    labels = np.array([run[i][0] for i in ids])
+    scores = {"run": np.array([run[i][1] for i in ids]), "baseline": np.array([base[i][1] for i in ids])}
+    groups = {"all": np.ones(len(ids), bool),
+              "none of the tags": np.array([not any(tagged[i].values()) for i in ids])}
+    for tag in ("ink_or_sticker", "dark_rim", "ruler"):
+        groups[tag] = np.array([tagged[i][tag] for i in ids])
+    out = {"run": os.path.relpath(args.run, ROOT), "baseline": os.path.relpath(args.baseline, ROOT),
+           "records": os.path.relpath(args.records, ROOT), "thresholds": {"run": run_threshold,
+                                                                        "baseline": base_threshold},
+           "tag_rules": {"ink_or_sticker": f"sticker_or_ink_fraction >= {INK_OR_STICKER}",
+                         "dark_rim": f"dark_frame_fraction >= {DARK_RIM}",
+                         "ruler": f">= {RULER_LINES} straight line(s) of >= 1/3 the shorter side outside the lesion"},
+           "groups": {}, "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+    for name, keep in groups.items():
+        entry = {"run": group_metrics(labels[keep], scores["run"][keep], run_threshold, args.bootstrap),
+                 "baseline": group_metrics(labels[keep], scores["baseline"][keep], base_threshold, args.bootstrap)}
+        if len(set(labels[keep].tolist())) == 2:
+            entry["roc_auc_run_minus_baseline"] = metrics.auc_difference(
+                labels[keep], scores["run"][keep], scores["baseline"][keep], n=args.bootstrap, seed=0)
+        out["groups"][name] = entry
+        auc = {k: entry[k].get("roc_auc", {}).get("value", float("nan")) for k in ("run", "baseline")}
+        diff = entry.get("roc_auc_run_minus_baseline")
+        print(f"{name:18s} {entry['run']['images']:4d} images ({entry['run']['melanoma']} mel): AUC run "
+              f"{auc['run']:.3f} baseline {auc['baseline']:.3f}"
+              + (f", paired {metrics.format_ci(diff)}" if diff else ""))
+    output = args.output or HERE / "results" / f"shortcut-audit-{args.run.name}.json"
+    atomic.write_json(output, out)
+    print(f"results: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
