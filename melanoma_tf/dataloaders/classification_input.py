@@ -98,9 +98,11 @@ def stream(data: LesionSet, cfg: configs.DataConfig, training: bool = False, see
     SHUFFLE_RECORDS records) and with the lesion box jittered by cfg.box_jitter (box_jitter
     overrides: e.g. served-like views of held-out images). A record's label 2 (other lesions as
     negatives) becomes 0."""
+    jitter = box_jitter if box_jitter is not None else cfg.box_jitter if training else 0.0
     if data.images is not None:
-        if box_jitter:
-            raise ValueError("box jitter cuts views afresh: it needs lesions streamed from records (read_index)")
+        if jitter:
+            raise ValueError("box jitter (data.box_jitter) cuts each epoch's views afresh: it needs lesions "
+                             "streamed from records (read_index), not views held in memory")
         ds = tf.data.Dataset.from_tensor_slices((data.images, data.labels, data.image_ids))
         return ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True) if training else ds
     counts = collections.Counter(data.image_ids.tolist())
@@ -119,7 +121,6 @@ def stream(data: LesionSet, cfg: configs.DataConfig, training: bool = False, see
     if training:
         records = records.shuffle(SHUFFLE_RECORDS, seed=seed, reshuffle_each_iteration=True)
     to_view = masking.view_fn(cfg.view)
-    jitter = box_jitter if box_jitter is not None else cfg.box_jitter if training else 0.0
 
     def view(serialized):
         r = tfrecords.parse_lesion(serialized)
@@ -198,9 +199,6 @@ def training_dataset(data: LesionSet, params: configs.ClassificationExperiment):
     """(dataset, steps_per_epoch, class_weight) for fit; steps_per_epoch is None when an epoch is
     one pass over `data` (the dataset then ends each epoch)."""
     cfg, seed = params.data, params.training.seed
-    if cfg.box_jitter and data.images is not None:
-        raise ValueError("data.box_jitter cuts each epoch's views afresh: it needs lesions streamed from "
-                         "records (read_index), not views held in memory")
     steps = math.ceil(cfg.epoch_images / cfg.batch_size) if cfg.epoch_images else None
 
     def examples(part: LesionSet) -> tf.data.Dataset:
