@@ -10,7 +10,11 @@ ground-truth mask (`worst_segmentations.attributes`, and long straight lines out
 for rulers), and reports, per tag and for the images with none of them: ROC AUC and the
 specificity and sensitivity at each run's threshold, with the run-minus-baseline AUC difference
 paired on the same images. A context view that learned markers would gain on the tagged images
-and not on the clean ones. Writes benchmarks/results/shortcut-audit-<run>.json.
+and not on the clean ones. Then where the run's final model looks (`modeling/grad_cam.py`): on
+views with black padding (where the lesion's square leaves the image, so its extent shows the
+lesion's size), the share of the heat map on the padding against the padding's share of the
+view, and how well the padded area alone separates the classes. Writes
+benchmarks/results/shortcut-audit-<run>.json.
 """
 
 from __future__ import annotations
@@ -24,10 +28,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
 from worst_segmentations import attributes, test_images
 
 from melanoma_tf import atomic
+from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.modeling import grad_cam
+from melanoma_tf.serving import export_classifier
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,6 +67,28 @@ def test_predictions(run: Path) -> tuple[dict[str, tuple[int, float]], float]:
         rows = {r["image_id"]: (int(r["label"]), float(r["melanoma_probability"]))
                 for r in csv.DictReader(f) if r["split"] == "test"}
     return rows, json.loads((run / "test_metrics.json").read_text())["threshold"]
+
+
+def padding_heat(run: Path, records: Path) -> dict:
+    """How much of the final model's Grad-CAM falls on the views' black padding (pixels black in
+    every channel: beyond the image; the test images have no pure black of their own to speak of)."""
+    params, model = export_classifier.load_trained(run)
+    test = inputs.read_lesions(records, "test", params.data)
+    area, share = [], []
+    for i in range(0, len(test), 32):
+        views = test.images[i:i + 32]
+        heat = grad_cam.heat_map(model, tf.constant(views)).numpy()
+        for h, padded in zip(heat, (views == 0).all(-1)):
+            area.append(padded.mean())
+            share.append(h[padded].sum() / h.sum() if h.sum() > 0 else np.nan)
+    area, share = np.array(area), np.array(share)
+    padded = (area > 0.01) & np.isfinite(share)
+    return {"view": params.data.view, "margin": params.data.margin, "images": len(test),
+            "images_with_padding": int(padded.sum()),
+            "mean_padding_area": float(area[padded].mean()) if padded.any() else 0.0,
+            "mean_heat_share_on_padding": float(share[padded].mean()) if padded.any() else 0.0,
+            "images_heat_share_above_area": float((share[padded] > area[padded]).mean()) if padded.any() else 0.0,
+            "padding_area_alone_roc_auc": float(roc_auc_score(test.labels, area))}
 
 
 def group_metrics(labels: np.ndarray, score: np.ndarray, threshold: float, n_boot: int) -> dict:
@@ -106,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:18s} {entry['run']['images']:4d} images ({entry['run']['melanoma']} mel): AUC run "
               f"{auc['run']:.3f} baseline {auc['baseline']:.3f}"
               + (f", paired {metrics.format_ci(diff)}" if diff else ""))
+    out["padding_heat"] = padding_heat(args.run, args.records)
+    print(f"padding: {out['padding_heat']}")
     output = args.output or HERE / "results" / f"shortcut-audit-{args.run.name}.json"
     atomic.write_json(output, out)
     print(f"results: {output}")

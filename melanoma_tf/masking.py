@@ -5,12 +5,13 @@ these functions, so what the classifier sees cannot drift between them. Pure TF 
 eagerly, inside `tf.function` with unknown H and W, and per image of a batch via `tf.map_fn`.
 
 Choices, and why:
-- The context view (`context_view`, the practical profiles' input) is the same square around the
-  lesion's box, enlarged by `margin` per side, with every pixel kept: the skin around the lesion,
-  which tells melanoma apart better than the lesion alone (issue 34's measurements, on the ISIC
-  2017 test set: +0.056 AUC paired over the masked lesion). Only where the square leaves the
-  image is it black. The box comes from the mask, so the segmenter's export computes it from the
-  mask it predicted, exactly as training computes it from the ground-truth mask.
+- The context view (`context_view`) is the same square around the lesion's box, enlarged by
+  `margin` per side, with every pixel kept: the skin around the lesion (issue 34's
+  measurements, on the ISIC 2017 test set: +0.056 AUC paired over the masked lesion). Only where
+  the square leaves the image is it black, and that padding's extent shows the lesion's size
+  relative to the frame, which a classifier reads (benchmarks/README.md, "the lesion in its
+  context"). The box comes from the mask, so the segmenter's export computes it from the mask it
+  predicted, exactly as training computes it from the ground-truth mask.
 - The lesion view (`mask_lesion`, the paper's input) zeroes every pixel outside the mask, then
   takes a square around the lesion's box enlarged by `margin` of its longer side on each side,
   so the lesion's aspect ratio is kept and it fills most of the input whatever its size. Where
