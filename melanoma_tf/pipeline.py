@@ -21,9 +21,8 @@ continues where it stopped. Profiles:
   masked lesion (`melanoma_efficientnet_lite0`; the lesion-in-context profile is not the default
   until its square stops showing the lesion's size as black padding, benchmarks/README.md),
   cross-validated in 5 folds so that its served threshold is chosen for 90% sensitivity on
-  out-of-fold predictions. With
-  several --data-dir folders (ISIC beside HAM10000) both train on the first folder only
-  (`several_downloads_overrides` says why).
+  out-of-fold predictions. With several --data-dir folders (ISIC beside HAM10000) both train
+  on the first folder only (`several_downloads_overrides` says why).
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU. With
   several folders it takes the same segmenter and classifier overrides as `cpu`.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.

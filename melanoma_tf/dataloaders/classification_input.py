@@ -113,11 +113,9 @@ def stream(data: LesionSet, cfg: configs.DataConfig, training: bool = False, see
         files = files.shuffle(len(data.files), seed=seed, reshuffle_each_iteration=True)
     records = files.interleave(tf.data.TFRecordDataset, cycle_length=len(data.files) if training else 1)
 
-    def wanted(r):
-        return copies.lookup(tfrecords.parse_lesion_index(r)["image_id"])
-
-    records = records.filter(lambda r: wanted(r) > 0).flat_map(
-        lambda r: tf.data.Dataset.from_tensors(r).repeat(wanted(r)))
+    # Each record's id is parsed once: how often it streams (0: not one of data's rows).
+    records = (records.map(lambda r: (r, copies.lookup(tfrecords.parse_lesion_index(r)["image_id"])))
+               .filter(lambda r, n: n > 0).flat_map(lambda r, n: tf.data.Dataset.from_tensors(r).repeat(n)))
     if training:
         records = records.shuffle(SHUFFLE_RECORDS, seed=seed, reshuffle_each_iteration=True)
     to_view = masking.view_fn(cfg.view)
