@@ -5,13 +5,16 @@ these functions, so what the classifier sees cannot drift between them. Pure TF 
 eagerly, inside `tf.function` with unknown H and W, and per image of a batch via `tf.map_fn`.
 
 Choices, and why:
-- The context view (`context_view`) is the same square around the lesion's box, enlarged by
-  `margin` per side, with every pixel kept: the skin around the lesion (issue 34's
-  measurements, on the ISIC 2017 test set: +0.056 AUC paired over the masked lesion). Only where
-  the square leaves the image is it black, and that padding's extent shows the lesion's size
-  relative to the frame, which a classifier reads (benchmarks/README.md, "the lesion in its
-  context"). The box comes from the mask, so the segmenter's export computes it from the mask it
-  predicted, exactly as training computes it from the ground-truth mask.
+- The context view (`context_view`) is the square around the lesion's box, enlarged by `margin`
+  per side, with every pixel kept: the skin around the lesion (issue 34's measurements, on the
+  ISIC 2017 test set: +0.056 AUC paired over the masked lesion). It never shows black padding:
+  a first version padded the square where it left the image, and Grad-CAM showed the classifier
+  reading the padding's extent (the lesion's size relative to the frame) rather than the skin
+  (benchmarks/README.md, "the lesion in its context"). So the square is shifted inside the
+  image and capped at its shorter side; only a lesion longer than the shorter side gets a
+  rectangle (the whole short axis), stretched to the square input. The box comes from the
+  mask, so the segmenter's export computes it from the mask it predicted, exactly as training
+  computes it from the ground-truth mask.
 - The lesion view (`mask_lesion`, the paper's input) zeroes every pixel outside the mask, then
   takes a square around the lesion's box enlarged by `margin` of its longer side on each side,
   so the lesion's aspect ratio is kept and it fills most of the input whatever its size. Where
@@ -42,16 +45,16 @@ CLASSIFIER_INPUT_SIZE = contract.CLASSIFIER_INPUT_SIZE
 VIEWS = ("lesion", "context", "whole", "skin")
 
 
-def _square_resample(image: tf.Tensor, keep: tf.Tensor, top: tf.Tensor, left: tf.Tensor,
-                     side: tf.Tensor, output_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Crops the square [top, top+side) x [left, left+side) (black outside the image), resizes it
-    to output_size and zeroes the pixels where `keep` (nearest-resized) is 0."""
+def _resample(image: tf.Tensor, keep: tf.Tensor, top: tf.Tensor, left: tf.Tensor, height: tf.Tensor,
+              width: tf.Tensor, output_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Crops the rectangle [top, top+height) x [left, left+width) (black outside the image),
+    resizes it to output_size and zeroes the pixels where `keep` (nearest-resized) is 0."""
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     y0, x0 = tf.maximum(top, 0), tf.maximum(left, 0)
-    y1, x1 = tf.minimum(top + side, h), tf.minimum(left + side, w)
+    y1, x1 = tf.minimum(top + height, h), tf.minimum(left + width, w)
     y1, x1 = tf.maximum(y1, y0), tf.maximum(x1, x0)
-    paddings = [[y0 - top, top + side - y1], [x0 - left, left + side - x1], [0, 0]]
+    paddings = [[y0 - top, top + height - y1], [x0 - left, left + width - x1], [0, 0]]
     crop = tf.pad(image[y0:y1, x0:x1], paddings)
     keep_crop = tf.pad(keep[y0:y1, x0:x1, None], paddings)
     size = [output_size, output_size]
@@ -98,18 +101,38 @@ def jitter_box(box: tf.Tensor, jitter: float, seed: tf.Tensor | None = None) -> 
     return tf.concat([low, tf.maximum(moved[2:], low + 1.0)], 0)
 
 
-def _lesion_square(mask: tf.Tensor, margin: float, box_jitter: float = 0.0,
-                   seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(top, left, side) of the square around the lesion box, enlarged by `margin` per side;
-    box_jitter > 0 first moves the box's edges (`jitter_box`, training only)."""
+def _square_box(mask: tf.Tensor, margin: float, box_jitter: float,
+                seed: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """The (jittered) lesion box as float32 and its square's side: the box's longer side
+    enlarged by `margin` per side. box_jitter > 0 first moves the box's edges (`jitter_box`)."""
     box = tf.cast(lesion_box(mask), tf.float32)
     if box_jitter:
         box = jitter_box(box, box_jitter, seed)
     extent = tf.maximum(box[2] - box[0], box[3] - box[1])
-    side = tf.math.ceil(extent * (1.0 + 2.0 * margin))
+    return box, tf.math.ceil(extent * (1.0 + 2.0 * margin))
+
+
+def _lesion_square(mask: tf.Tensor, margin: float, box_jitter: float = 0.0,
+                   seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, side) of the square around the lesion box, enlarged by `margin` per side,
+    centred on the box (it may leave the image)."""
+    box, side = _square_box(mask, margin, box_jitter, seed)
     top = tf.floor((box[0] + box[2] - side) / 2.0)
     left = tf.floor((box[1] + box[3] - side) / 2.0)
     return tf.cast(top, tf.int32), tf.cast(left, tf.int32), tf.cast(side, tf.int32)
+
+
+def _in_frame(box: tf.Tensor, side: tf.Tensor, h: tf.Tensor, w: tf.Tensor) -> list[tf.Tensor]:
+    """[top, left, height, width] int32: the square of `side` around the box, capped at the
+    image's shorter side unless the box itself is longer, clipped to the image on each axis
+    and shifted inside it."""
+    h, w = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    extent = tf.maximum(box[2] - box[0], box[3] - box[1])
+    side = tf.minimum(side, tf.maximum(tf.minimum(h, w), extent))
+    height, width = tf.minimum(side, h), tf.minimum(side, w)
+    top = tf.clip_by_value(tf.floor((box[0] + box[2] - height) / 2.0), 0.0, h - height)
+    left = tf.clip_by_value(tf.floor((box[1] + box[3] - width) / 2.0), 0.0, w - width)
+    return [tf.cast(v, tf.int32) for v in (top, left, height, width)]
 
 
 def crop_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
@@ -119,7 +142,7 @@ def crop_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER
     ([S, S, 3] and [S, S] uint8); shape features of the baseline read the second."""
     keep = _binary(mask, image)
     top, left, side = _lesion_square(keep, margin, box_jitter, seed)
-    return _square_resample(image, keep, top, left, side, output_size)
+    return _resample(image, keep, top, left, side, side, output_size)
 
 
 def mask_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
@@ -130,11 +153,13 @@ def mask_lesion(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER
 
 def context_view(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
                  margin: float = 0.5, box_jitter: float = 0.0, seed: tf.Tensor | None = None) -> tf.Tensor:
-    """uint8 [S, S, 3]: the lesion's square (box + margin per side), every pixel kept; black
-    only beyond the image. No lesion: the whole frame's box, enlarged."""
+    """uint8 [S, S, 3]: the lesion's square (box + margin per side) kept inside the image, every
+    pixel kept, never black padding (see module docstring). No lesion: the whole frame."""
     keep = _binary(mask, image)
-    top, left, side = _lesion_square(keep, margin, box_jitter, seed)
-    return _square_resample(image, tf.ones_like(keep), top, left, side, output_size)[0]
+    box, side = _square_box(keep, margin, box_jitter, seed)
+    shape = tf.shape(image)
+    top, left, height, width = _in_frame(box, side, shape[0], shape[1])
+    return _resample(image, tf.ones_like(keep), top, left, height, width, output_size)[0]
 
 
 def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: int = CLASSIFIER_INPUT_SIZE,
@@ -145,7 +170,7 @@ def whole_frame(image: tf.Tensor, mask: tf.Tensor | None = None, output_size: in
     h, w = shape[0], shape[1]
     side = tf.maximum(h, w)
     keep = tf.ones([h, w], tf.uint8)
-    return _square_resample(image, keep, (h - side) // 2, (w - side) // 2, side, output_size)[0]
+    return _resample(image, keep, (h - side) // 2, (w - side) // 2, side, side, output_size)[0]
 
 
 def skin_only(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_INPUT_SIZE,
@@ -159,7 +184,7 @@ def skin_only(image: tf.Tensor, mask: tf.Tensor, output_size: int = CLASSIFIER_I
     hidden = tf.logical_and(rows[:, None], cols[None, :])
     keep = tf.cast(tf.logical_not(hidden), tf.uint8)
     frame = tf.maximum(h, w)
-    return _square_resample(image, keep, (h - frame) // 2, (w - frame) // 2, frame, output_size)[0]
+    return _resample(image, keep, (h - frame) // 2, (w - frame) // 2, frame, frame, output_size)[0]
 
 
 def view_fn(view: str) -> Callable[..., tf.Tensor]:
