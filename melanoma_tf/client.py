@@ -117,6 +117,7 @@ class LesionPrediction:
     threshold: float = math.nan  # the one is_melanoma used: the served operating point or the client's
     classifier_input: np.ndarray | None = None  # uint8 [227, 227, 3], with `explain`
     heat_map: np.ndarray | None = None  # float32 [227, 227] in [0, 1], with `explain`
+    error_code: str | None = None  # the gRPC status name when a server call failed
 
     @property
     def ok(self) -> bool:
@@ -368,11 +369,12 @@ class MelanomaClient:
             message = str(exc) or type(exc).__name__
             if isinstance(exc, OSError):
                 message = f"cannot read image: {exc}"
+            code = getattr(exc, "code", None)
             return LesionPrediction(
                 image_id=image_id, melanoma_probability=math.nan, is_melanoma=None,
                 lesion_mask=None, lesion_box=None, segmentation_score=math.nan, status="error",
                 latency_ms={"total": (time.perf_counter() - started) * 1000.0}, index=index,
-                error=" ".join(message.split()))
+                error=" ".join(message.split()), error_code=code.name if code else None)
         return dataclasses.replace(result, index=index)
 
     def _segment_request(self, image: ImageInput, image_id: str | None) -> predict_pb2.PredictRequest:

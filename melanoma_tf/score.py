@@ -16,10 +16,15 @@ answering within `--connect-timeout` seconds stops the run.  Images that fail
 may be bucket URLs (gs://): an output there is uploaded whole every few seconds rather than
 flushed per line, so a killed run loses at most those seconds' rows.
 
+A server outage is not an image's error: a call that no server answered (UNAVAILABLE, or
+DEADLINE_EXCEEDED after `--timeout` plus `--server-wait`) stops the run, the images not yet
+scored get no row, and the exit status is 3, so a restarted run (a Kubernetes Job's next pod)
+scores exactly those.
+
 Exit status (EXIT_* below): 0 every input image has a result without error; 1 the run finished
 but some images have an error row (0 with `--allow-image-errors`, e.g. in a Kubernetes Job,
-which then ends Complete); 2 usage error; 3 no server answered within `--connect-timeout`
-(nothing was scored: retry later).
+which then ends Complete); 2 usage error; 3 no server answered, at the start within
+`--connect-timeout` or during the run (the rest was not scored: retry later).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ FSYNC_EVERY_SECONDS = 5.0
 log = logging.getLogger("melanoma_tf.score")
 
 EXIT_OK, EXIT_IMAGE_ERRORS, EXIT_USAGE, EXIT_NO_SERVER = 0, 1, 2, 3
+# The gRPC statuses of a call no server answered: the servers' failure, not the image's.
+OUTAGE_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
 class UsageError(Exception):
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_SERVER
-    new_failed = 0
+    new_failed, outage = 0, None
     flush_each_row = not storage.is_url(args.output)  # a bucket re-uploads the whole file per flush
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a", newline="") as handle, client:
@@ -222,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         last_sync = time.monotonic()
         progress = tqdm(total=len(todo), unit="img", disable=args.no_progress,
                         dynamic_ncols=True, smoothing=0.1)
-        for result in client.predict_many(todo, concurrency=args.concurrency):
+        results = client.predict_many(todo, concurrency=args.concurrency)
+        for result in results:
+            if result.error_code in OUTAGE_CODES:
+                outage = result.error
+                results.close()  # waits for the calls in flight; their images stay unscored
+                break
             path = paths[result.image_id]
             if result.error is None and args.masks_dir is not None and result.lesion_mask is not None:
                 try:
@@ -241,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             progress.set_postfix(failed=new_failed, refresh=False)
         progress.close()
         _sync(handle)
+    if outage is not None:
+        scored = len(load_existing(args.output)) - len(existing)
+        print(f"error: stopped, no server answered ({outage}); {len(todo) - scored} images left unscored: "
+              "run again to score them", file=sys.stderr)
+        return EXIT_NO_SERVER
     old_failed = sum(1 for image_id, row in existing.items() if image_id in paths and row["error"])
     print(f"scored {len(todo)} images ({new_failed} failed); "
           f"{old_failed} earlier failures kept in {args.output}", file=sys.stderr)

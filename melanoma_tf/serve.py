@@ -2,7 +2,8 @@
 
 The same models.config as the Docker deployment works locally by mapping the
 container base paths: `--model-base-path-map /models=exports`. gRPC answers on --port
-(8500), TF Serving's REST API on --rest-api-port (8501), Prometheus metrics there with
+(8500), TF Serving's REST API on --rest-api-port (none by default, as TF Serving's binary; the
+Docker image and serving/ pass 8501), Prometheus metrics there with
 `--monitoring-config-file serving/monitoring.config`.
 """
 
@@ -22,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", required=True,
                         help="text ModelServerConfig (e.g. serving/models.config)")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = pick a free one)")
-    parser.add_argument("--rest-api-port", type=int, default=8501,
-                        help="TF Serving's REST API port (0 = no REST API, as in TF Serving)")
+    parser.add_argument("--rest-api-port", type=int, default=0,
+                        help="TF Serving's REST API port; 0 (default, as TF Serving's binary) = no REST "
+                             "API, so several servers on one host need only their --port")
     parser.add_argument("--monitoring-config-file", default=None,
                         help="monitoring.config (TF Serving's MonitoringConfig); with prometheus_config "
                              "enabled, metrics are served at its path on the REST port")
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-version-labels-for-unavailable-models", action="store_true",
                         help="accept new labels for versions that are not loaded (as TF Serving)")
     parser.add_argument("--max-message-mb", type=int, default=256,
-                        help="max gRPC send/receive message size in MiB")
+                        help="max size in MiB of a gRPC message or a REST body, and of a reply on either port")
     parser.add_argument("--grpc-channel-arguments", default="", metavar="grpc.NAME=VALUE,...",
                         help="gRPC server arguments, as TF Serving's --grpc_channel_arguments, e.g. "
                              "grpc.max_connection_age_ms=60000,grpc.max_connection_age_grace_ms=30000 "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -29,11 +29,19 @@ LATENCY_BUCKETS_USEC = tuple(10 * 1.8 ** i for i in range(33))
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+# The model_name label of requests for a model the server does not serve, and of requests that
+# fail before a model is named (unparsable paths or bodies): a client's made-up names must not
+# become series of their own, each held for the life of the process.
+UNKNOWN_MODEL = ""
+
+
 class ServingMetrics:
     """One server's metrics, in a registry of its own (several servers in one process each
-    count their own requests)."""
+    count their own requests). `served(name)` tells which model names get a label of their own
+    (the server sets it to its registry's); the others count under UNKNOWN_MODEL."""
 
-    def __init__(self) -> None:
+    def __init__(self, served: Callable[[str], bool] = lambda name: True) -> None:
+        self.served = served
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(":tensorflow:serving:request_count", "Requests by model and status.",
                                 ["model_name", "status"], registry=self.registry)
@@ -52,14 +60,19 @@ class ServingMetrics:
         """Counts and times one request; its status is the gRPC code name it failed with, or OK."""
         start = time.perf_counter()
         status = grpc.StatusCode.OK.name
+        model_name = model_name if model_name and self.served(model_name) else UNKNOWN_MODEL
         try:
             yield
         except BaseException as exc:
             status = from_exception(exc).code.name
             raise
         finally:
-            self.requests.labels(model_name, status).inc()
+            self.count(model_name, status)
             self.latency.labels(model_name, api, entrypoint).observe((time.perf_counter() - start) * 1e6)
+
+    def count(self, model_name: str, status: str) -> None:
+        """One request of a served model (or UNKNOWN_MODEL) that ended with gRPC status `status`."""
+        self.requests.labels(model_name, status).inc()
 
     def batch(self, queue_name: str, size: int) -> None:
         """A batch of `size` examples ran on queue `<model>/<version>/<signature>`."""

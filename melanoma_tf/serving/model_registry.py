@@ -193,6 +193,11 @@ class ModelRegistry:
             for model in list(self._models.values()):
                 self._unload_all(model)
 
+    def serves(self, name: str) -> bool:
+        """Whether `name` is a configured model (loaded or not)."""
+        with self._lock:
+            return name in self._models
+
     def resolve(self, model_spec: model_pb2.ModelSpec) -> Servable:
         """The servable for a ModelSpec, with TF Serving's errors."""
         name = model_spec.name

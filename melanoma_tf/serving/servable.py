@@ -21,7 +21,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from melanoma_tf.serving import warmup
 from melanoma_tf.serving.batching import BatchQueue, SharedBatchScheduler
-from melanoma_tf.serving.errors import failed_precondition, invalid_argument
+from melanoma_tf.serving.errors import failed_precondition, invalid_argument, reply_too_large
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +72,40 @@ class Servable:
         self._input_specs = {key: fn.structured_input_signature[1]
                              for key, fn in self._functions.items()}
         self._output_keys = {key: set(fn.structured_outputs) for key, fn in self._functions.items()}
+        # The least bytes each output takes per instance: its known dimensions (unknown: 1).
+        self._bytes_per_instance = {
+            key: {alias: int(np.prod([d or 1 for d in spec.shape.as_list()[1:]] if spec.shape.rank else []))
+                  * (spec.dtype.size if spec.dtype != tf.string else 1)
+                  for alias, spec in fn.structured_outputs.items()}
+            for key, fn in self._functions.items()}
         self._scheduler = scheduler
         self._queues: dict[str, BatchQueue] = {}
         self._queues_lock = threading.Lock()
 
-    def predict(self, request: predict_pb2.PredictRequest,
-                batched: bool = True) -> predict_pb2.PredictResponse:
-        """Validate and run one PredictRequest (through the batcher when enabled)."""
+    def predict(self, request: predict_pb2.PredictRequest, batched: bool = True,
+                max_reply_bytes: int | None = None) -> predict_pb2.PredictResponse:
+        """Validate and run one PredictRequest (through the batcher when enabled). A reply
+        over `max_reply_bytes` is refused: before running when the outputs' fixed shapes already
+        exceed it (one byte per instance can ask for a 227x227x3 image), else before it is copied
+        into the response."""
         signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
         if signature not in self._functions:
             raise failed_precondition(f'Serving signature key "{signature}" not found.')
         inputs = self._parse_inputs(signature, request)
         wanted = self._output_aliases(signature, request)
+        if max_reply_bytes is not None:
+            instances = max((a.shape[0] for a in inputs.values() if a.ndim), default=1)
+            least = instances * sum(self._bytes_per_instance[signature][alias] for alias in wanted)
+            if least > max_reply_bytes:
+                raise reply_too_large(least, max_reply_bytes)
         if batched and self._scheduler is not None:
             outputs = self._queue(signature).run(inputs)
         else:
             outputs = self.run(signature, inputs)
+        if max_reply_bytes is not None:
+            size = sum(outputs[alias].nbytes for alias in wanted)
+            if size > max_reply_bytes:
+                raise reply_too_large(size, max_reply_bytes)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.name
         response.model_spec.version.value = self.version

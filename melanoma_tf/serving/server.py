@@ -63,15 +63,17 @@ def _answer(context: grpc.ServicerContext, call: Callable[[], Response],
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata (Classify/Regress stay UNIMPLEMENTED)."""
 
-    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: ServingMetrics, max_reply_bytes: int) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._max_reply_bytes = max_reply_bytes
 
     def Predict(self, request: predict_pb2.PredictRequest,
                 context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
         def predict() -> predict_pb2.PredictResponse:
             with self._metrics.request(request.model_spec.name, "predict", "GRPC"):
-                return self._registry.resolve(request.model_spec).predict(request)
+                servable = self._registry.resolve(request.model_spec)
+                return servable.predict(request, max_reply_bytes=self._max_reply_bytes)
 
         return _answer(context, predict, predict_pb2.PredictResponse)
 
@@ -98,6 +100,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                                   context: grpc.ServicerContext
                                   ) -> model_management_pb2.ReloadConfigResponse:
         response = model_management_pb2.ReloadConfigResponse()
+        if request.config.WhichOneof("config") is None:
+            log.info("Taking no action for empty config")  # TF Serving's answer, not an unload
+            return response
         try:
             self._registry.reload_config(request.config)
             return response
@@ -183,7 +188,8 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
     """Load the configured models and serve them over gRPC; port 0 picks a free port.
 
     `rest_port` also serves TF Serving's REST API there (0 picks a free port; None: no REST),
-    with bodies up to `max_message_bytes`, like gRPC messages. `monitoring_config` (a
+    with bodies up to `max_message_bytes`, like gRPC messages; replies are capped at the same
+    size on both ports, refused (400, INVALID_ARGUMENT) before they are built. `monitoring_config` (a
     monitoring.config path or a parsed `MonitoringConfig`) with Prometheus enabled adds the
     metrics page at its path on the REST port. `grpc_channel_arguments` is TF Serving's
     --grpc_channel_arguments, e.g. "grpc.max_connection_age_ms=60000" (`channel_arguments`).
@@ -202,6 +208,7 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
     mapped = {src: storage.absolute(dst) for src, dst in (path_map or {}).items()}
     registry = ModelRegistry(scheduler, mapped, enable_warmup,
                              allow_version_labels_for_unavailable_models, metrics)
+    metrics.served = registry.serves
     try:
         registry.reload_config(config)
     except BaseException:
@@ -217,7 +224,7 @@ def start_server(models: ModelsSpec, port: int = 0, host: str = "127.0.0.1",
                  ("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.so_reuseport", 0), *channel_arguments(grpc_channel_arguments)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(registry, metrics), server)
+        PredictionServicer(registry, metrics, max_message_bytes), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(registry), server)
     bind_host = f"[{host}]" if ":" in host else host
     try:
