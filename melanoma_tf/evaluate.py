@@ -207,7 +207,7 @@ def _finite(obj):
 def evaluate(data_dir: str | Path | Sequence[str | Path], predictor: Predictor, output_dir: str | Path, *,
              threshold: float | None = None, concurrency: int = 4, limit: int | None = None,
              image_ids: Iterable[str] | None = None, bootstrap: int = 1000, seed: int = 0,
-             progress: bool = True, source: str = "", write_html: bool = True) -> dict:
+             progress: bool = True, source: str = "", write_html: bool = True, weights_licence: str = "") -> dict:
     """Runs the chain on every melanoma/nevus image of `data_dir` (one folder or several), scores it and writes
     metrics.json, predictions.csv, masks/ and (with `write_html`) index.html into `output_dir`.
 
@@ -267,6 +267,7 @@ def evaluate(data_dir: str | Path | Sequence[str | Path], predictor: Predictor, 
         "calibration": classification.calibration([r["melanoma"] for r in answered], [r["score"] for r in answered])
         if answered and len({r["melanoma"] for r in answered}) == 2 else None,
         "paper": report.PAPER,
+        "weights_licence": weights_licence,
         "problems": problems,
     }
     metrics = _finite(metrics)
@@ -312,10 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chain = serve_in_process(args.seg_model, args.cls_model, **client_kwargs)
         source = f"in-process: {args.seg_model.resolve()}, {args.cls_model.resolve()}"
+    # What the classifier's pretrained weights' licence asks (an export says it in assets.extra;
+    # a remote server's files are out of reach).
+    licences = ([] if args.server else sorted(args.cls_model.glob("assets.extra/weights_licence.txt"))
+                + sorted(args.cls_model.glob("*/assets.extra/weights_licence.txt")))
     with chain as client:
         metrics = evaluate(args.data_dir, client, args.output_dir, threshold=args.threshold,
                            concurrency=args.concurrency, limit=args.limit, bootstrap=args.bootstrap,
-                           seed=args.seed, progress=not args.no_progress, source=source)
+                           seed=args.seed, progress=not args.no_progress, source=source,
+                           weights_licence=licences[-1].read_text().strip() if licences else "")
     print("\n".join(report.headline(metrics)) or "nothing scored")
     print(f"report: {(args.output_dir / 'index.html').resolve()}")
     return 0

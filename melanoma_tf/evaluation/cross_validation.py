@@ -118,3 +118,17 @@ def write_predictions(path: Path, rows: list[dict], threshold: float) -> None:
             last = r.get("melanoma_probability_last_epoch")
             writer.writerow([r["image_id"], r["split"], r["fold"], r["label"], f"{r['melanoma_probability']:.6f}",
                              int(r["melanoma_probability"] >= threshold), "" if last is None else f"{last:.6f}"])
+
+
+def read_predictions(model_dir: Path, split: str = "train") -> dict[str, tuple[int, float]]:
+    """{image_id: (label, melanoma probability)} of a run's predictions.csv for one split: out of
+    fold at each fold's last epoch ('train', what operating points are chosen on) or the final
+    model's ('test')."""
+    path = Path(model_dir) / "predictions.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {model_dir} a finished cross-validated run?")
+    with path.open(newline="") as f:
+        return {r["image_id"]: (int(r["label"]), float(r["melanoma_probability_last_epoch"]
+                                                        or r["melanoma_probability"]))
+                for r in csv.DictReader(f) if r["split"] == split}
+

