@@ -16,6 +16,9 @@ Decisions:
   chosen in training for a target sensitivity) unless the client is given a `threshold`.
 * Segmenter status 1 (no lesion): no classification; the result has status
   "no_lesion", `melanoma_probability` NaN and `is_melanoma` None.
+* A classifier exported with an input guard answers `input_status`: an input it refuses
+  gets status "not_dermoscopy" or "unusable", `melanoma_probability` NaN and `is_melanoma`
+  None (its `input_distance` says how far it was from the training views: > 1 refused).
 * Segmenter status 2 (undecodable/empty image): `predict` raises `ImageDecodeError`;
   status 3 (a valid image over `contract.MAX_IMAGE_PIXELS`, refused before decoding):
   `ImageTooLargeError`, naming its pixel count and the limit. `predict_many` yields a
@@ -63,6 +66,10 @@ from melanoma_tf.contract import (
     CLASSIFIER,
     EXPLAIN_SIGNATURE,
     HEAT_MAP,
+    INPUT_DISTANCE,
+    INPUT_OK,
+    INPUT_STATUS,
+    INPUT_STATUS_NAMES,
     MASKED_IMAGE,
     MAX_IMAGE_PIXELS,
     SEGMENTER,
@@ -118,6 +125,7 @@ class LesionPrediction:
     classifier_input: np.ndarray | None = None  # uint8 [227, 227, 3], with `explain`
     heat_map: np.ndarray | None = None  # float32 [227, 227] in [0, 1], with `explain`
     error_code: str | None = None  # the gRPC status name when a server call failed
+    input_distance: float = math.nan  # the classifier's input guard: > 1 refused (NaN: no guard)
 
     @property
     def ok(self) -> bool:
@@ -291,7 +299,7 @@ class MelanomaClient:
         box = tuple(float(v) for v in tf.make_ndarray(outputs["lesion_box"])[0])
         score = float(tf.make_ndarray(outputs["lesion_score"])[0])
         latency = {"segment": (t1 - t0) * 1000.0, "classify": 0.0}
-        probability, decision, label, threshold = math.nan, None, "no_lesion", math.nan
+        probability, decision, label, threshold, input_distance = math.nan, None, "no_lesion", math.nan, math.nan
         classifier_input = heat_map = None
         if status == STATUS_OK:
             classify = predict_pb2.PredictRequest()
@@ -299,9 +307,8 @@ class MelanomaClient:
             _model_spec(classify.model_spec, name, EXPLAIN_SIGNATURE if self.explain else BYTES_SIGNATURE,
                         version, version_label)
             classify.inputs[MASKED_IMAGE].CopyFrom(outputs["masked_image"])
-            classify.output_filter.extend(["melanoma_probability", "threshold"] + [HEAT_MAP] * self.explain)
             t2 = time.perf_counter()
-            classified = self._call(classify, image_id)
+            classified = self._call(classify, image_id)  # every output: a few numbers (and the heat map)
             latency["classify"] = (time.perf_counter() - t2) * 1000.0
             versions[name] = classified.model_spec.version.value
             probability = float(tf.make_ndarray(classified.outputs["melanoma_probability"])[0])
@@ -309,6 +316,11 @@ class MelanomaClient:
             threshold = served if self.threshold is None else self.threshold
             decision = probability >= threshold
             label = "ok"
+            if INPUT_STATUS in classified.outputs:  # a classifier exported with an input guard
+                input_distance = float(tf.make_ndarray(classified.outputs[INPUT_DISTANCE])[0])
+                refused = int(tf.make_ndarray(classified.outputs[INPUT_STATUS])[0])
+                if refused != INPUT_OK:  # not an answer: no probability, no decision
+                    label, probability, decision = INPUT_STATUS_NAMES[refused], math.nan, None
             if self.explain:
                 classifier_input = tf.make_ndarray(outputs["masked_image"])[0]
                 heat_map = tf.make_ndarray(classified.outputs[HEAT_MAP])[0]
@@ -319,7 +331,7 @@ class MelanomaClient:
             image_id=image_id, melanoma_probability=probability, is_melanoma=decision,
             lesion_mask=mask, lesion_box=box, segmentation_score=score, status=label,
             latency_ms=latency, model_versions=versions, threshold=threshold,
-            classifier_input=classifier_input, heat_map=heat_map)
+            classifier_input=classifier_input, heat_map=heat_map, input_distance=input_distance)
 
     def predict_many(self, images: Iterable[Any], concurrency: int = 8) -> Iterator[LesionPrediction]:
         """Score many images concurrently, yielding results as they complete.

@@ -8,6 +8,7 @@ and the exporters import it from here. No TensorFlow import, so a client can rea
     melanoma_classifier  serving_default       masked_image [N, 227, 227, 3] uint8
                                                -> melanoma_probability, probabilities, class_id, threshold
                          explain               the same, + heat_map [N, 227, 227] float32
+                         (a run with an input guard: + input_distance [N], input_status [N])
 """
 
 SEGMENTER, CLASSIFIER = "lesion_segmenter", "melanoma_classifier"
@@ -27,5 +28,11 @@ CLASSIFIER_INPUT_SIZE = 227
 STATUS_OK, STATUS_NO_LESION, STATUS_BAD_IMAGE, STATUS_TOO_LARGE = 0, 1, 2, 3
 # Dermoscopy originals reach about 40 megapixels; 100 MP as RGB is 300 MB before the model runs.
 MAX_IMAGE_PIXELS = 100_000_000
+# The classifier's input guard (`modeling.input_guard`), in exports of runs that fitted one: the
+# input's distance from the training views over the guard's threshold (> 1 refused), and why it
+# was refused. A refused input's melanoma_probability is not an answer (the client gives NaN).
+INPUT_DISTANCE, INPUT_STATUS = "input_distance", "input_status"
+INPUT_OK, INPUT_NOT_DERMOSCOPY, INPUT_UNUSABLE = 0, 1, 2
+INPUT_STATUS_NAMES = {INPUT_NOT_DERMOSCOPY: "not_dermoscopy", INPUT_UNUSABLE: "unusable"}
 # TF Serving replays these Predict requests when it loads a version (--enable_model_warmup).
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"

@@ -20,6 +20,8 @@ Scoring rules:
   metric functions and macro-averaged as its scorer does; the Otsu baseline on the same images.
 - Classification: every melanoma/nevus image the chain answered. When the segmenter finds no
   lesion the chain never calls the image melanoma, so its score is 0 (counted in `no_lesion`).
+  An input the classifier's guard refuses (not a dermoscopic lesion, or unusable) is not
+  answered: counted in `refused`, left out of the classification metrics.
   An image is called melanoma when score >= threshold: the classifier's served operating
   point unless a threshold is given; when that is not 0.5, the metrics at p >= 0.5 (the
   balanced point of a class-weighted classifier) are reported too. The ISIC scorer uses >,
@@ -56,6 +58,8 @@ from melanoma_tf.evaluation.bootstrap import bootstrap_ci
 SEGMENTER, CLASSIFIER = contract.SEGMENTER, contract.CLASSIFIER
 SEGMENTATION_KEYS = segmentation.PIXEL_METRICS + ("detection_rate", "segmentation_precision")
 DEFAULT_THRESHOLD = 0.5
+# Statuses of inputs the classifier's guard refused (`modeling.input_guard`).
+REFUSED = frozenset(contract.INPUT_STATUS_NAMES.values())
 PREDICTION_COLUMNS = ("image_id", "label", "status", "melanoma_probability", "score", "predicted",
                       "lesion_score", *segmentation.PIXEL_METRICS, "found", "otsu_jaccard",
                       "otsu_dice", "image_path", "truth_mask_path", "mask_path", "explained_path", "error")
@@ -104,7 +108,8 @@ def _image_row(item: isic.LesionItem, result: LesionPrediction, masks_dir: Path,
     if result.error is not None:
         problems.append({"image_id": item.image_id, "path": str(item.image_path), "reason": result.error})
         return row
-    row["score"] = 0.0 if result.status == "no_lesion" else result.melanoma_probability
+    if result.status not in REFUSED:  # a refused input is not answered: counted, not scored
+        row["score"] = 0.0 if result.status == "no_lesion" else result.melanoma_probability
     mask = result.lesion_mask
     row["mask_path"] = f"masks/{write_mask(masks_dir, item.image_id, mask).name}"
     if result.heat_map is not None and explained_dir is not None:
@@ -254,6 +259,7 @@ def evaluate(data_dir: str | Path | Sequence[str | Path], predictor: Predictor, 
                    "nevus": sum(1 - r["melanoma"] for r in rows),
                    "with_mask": sum(bool(r["truth_mask_path"]) for r in rows),
                    "answered": len(answered), "no_lesion": sum(r["status"] == "no_lesion" for r in rows),
+                   "refused": sum(r["status"] in REFUSED for r in rows),
                    "errors": sum(bool(r["error"]) for r in rows)},
         "segmentation": segmentation_with_ci(segmented, n=bootstrap, seed=seed) if segmented else None,
         "segmentation_otsu": segmentation_with_ci(segmented, "otsu_", bootstrap, seed) if segmented else None,

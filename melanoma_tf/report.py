@@ -318,6 +318,9 @@ def render(metrics: Mapping, rows: Sequence[dict], report_dir: Path) -> str:
         notes.append(f'{counts["errors"]} image(s) could not be scored (see Problems)')
     if counts["no_lesion"]:
         notes.append(f'the segmenter found no lesion in {counts["no_lesion"]} image(s): scored 0, i.e. called nevus')
+    if counts.get("refused"):
+        notes.append(f'the classifier\'s input guard refused {counts["refused"]} image(s) as not dermoscopic '
+                     "lesions like those it learned, or unusable: not scored")
     if metrics.get("weights_licence"):
         notes.append(f'the classifier {html.escape(metrics["weights_licence"])}')
     if notes:

@@ -164,13 +164,17 @@ class EvaluationConfig(hyperparams.Config):
     choose that threshold on out-of-fold views cut around lesion boxes jittered by this much
     (`masking.jitter_box`), as the served segmenter's boxes err: a threshold chosen on
     ground-truth views did not carry to served ones (issue 34: sensitivity 0.98, specificity
-    0.12 on the ISIC 2017 test set); 0 chooses it on the ground-truth views."""
+    0.12 on the ISIC 2017 test set); 0 chooses it on the ground-truth views.
+    input_guard_refusal_rate: with cross-validation and a final model, fit the input guard
+    (`modeling.input_guard`) on the training views, refusing this share of held-out ones; the
+    export serves it (0: no guard)."""
     threshold: float = 0.5
     target_sensitivity: float = 0.0
     operating_point_downloads: List[str] = dataclasses.field(default_factory=list)
     operating_point_box_jitter: float = 0.0
     bootstrap_samples: int = 1000
     tta: bool = False
+    input_guard_refusal_rate: float = 0.01
 
 
 @dataclasses.dataclass

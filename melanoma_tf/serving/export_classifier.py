@@ -12,6 +12,10 @@ The serving contract (the gRPC client is built against exactly these names):
     signature 'explain': the same input and outputs, and
               heat_map              float32 [None, 227, 227]   (Grad-CAM of the melanoma probability, 0-1)
 
+    a run with an input guard (`input_guard.npz`, `modeling.input_guard`) adds to both
+              input_distance        float32 [None]             (> 1: not like the training views)
+              input_status          int32   [None]             (contract.INPUT_OK / _NOT_DERMOSCOPY / _UNUSABLE)
+
 The input is the masked lesion as the segmenter's export produces it
 (`contract.CLASSIFIER_INPUT_SIZE`), whatever size the classifier trained at (`data.input_size`):
 another size is resized in the graph, so any classifier export chains with any segmenter
@@ -37,7 +41,7 @@ from melanoma_tf import contract, storage
 from melanoma_tf.configs import classification as configs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.evaluation import cross_validation
-from melanoma_tf.modeling import factory, grad_cam
+from melanoma_tf.modeling import factory, grad_cam, input_guard
 from melanoma_tf.serving import versions, warmup
 
 SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
@@ -51,9 +55,11 @@ def _inference_step(masked_image: tf.Tensor, model: keras.Model) -> tf.Tensor:
 class ClassifierModule(export_base.ExportModule):
     """uint8 masked lesions in; melanoma probability, both class probabilities and class id out."""
 
-    def __init__(self, params: configs.ClassificationExperiment, model: keras.Model, threshold: float):
+    def __init__(self, params: configs.ClassificationExperiment, model: keras.Model, threshold: float,
+                 guard: input_guard.Guard | None = None):
         super().__init__(params, model, inference_step=_inference_step)
-        self.model_size, self.threshold = params.data.input_size, threshold
+        self.model_size, self.threshold, self.guard = params.data.input_size, threshold, guard
+        self.with_features = input_guard.with_features(model) if guard is not None else None
         # The SavedModel must reach every variable the graph captures; TF's object graph does
         # not see the seed generators of dropout layers inside a nested Keras 3 model (the
         # pretrained backbone), which the traced call captures even at inference.
@@ -68,11 +74,19 @@ class ClassifierModule(export_base.ExportModule):
         return masked_image
 
     def serve(self, masked_image: tf.Tensor) -> Mapping[str, tf.Tensor]:
-        probabilities = tf.cast(self.inference_step(self._model_input(masked_image)), tf.float32)
+        image = self._model_input(masked_image)
+        if self.guard is None:
+            probabilities = self.inference_step(image)
+        else:
+            probabilities, features = self.with_features(image, training=False)
+        probabilities = tf.cast(probabilities, tf.float32)
         melanoma = probabilities[:, contract.CLASS_NAMES.index("melanoma")]
-        return {"melanoma_probability": melanoma, "probabilities": probabilities,
-                "class_id": tf.cast(melanoma >= self.threshold, tf.int32),
-                "threshold": tf.fill(tf.shape(melanoma), tf.constant(self.threshold, tf.float32))}
+        out = {"melanoma_probability": melanoma, "probabilities": probabilities,
+               "class_id": tf.cast(melanoma >= self.threshold, tf.int32),
+               "threshold": tf.fill(tf.shape(melanoma), tf.constant(self.threshold, tf.float32))}
+        if self.guard is not None:
+            out[contract.INPUT_DISTANCE], out[contract.INPUT_STATUS] = input_guard.check(image, features, self.guard)
+        return out
 
     def explain(self, masked_image: tf.Tensor) -> Mapping[str, tf.Tensor]:
         """`serve`'s outputs and the Grad-CAM heat map of the melanoma probability
@@ -187,7 +201,11 @@ def export(model_dir: str | Path, export_dir: str | Path, checkpoint: str | Path
         else:
             params, model = load_fold_ensemble(model_dir) if fold_ensemble else load_trained(model_dir, checkpoint)
             threshold = decision_threshold(model_dir, params)
-        module = ClassifierModule(params, model, threshold)
+        # The guard was fitted on the final model's features: ensembles and other checkpoints go without.
+        guard_file = model_dir / input_guard.GUARD_FILE
+        guard = (input_guard.Guard.load(guard_file) if guard_file.is_file() and not checkpoint
+                 and not fold_ensemble and not ensemble_with else None)
+        module = ClassifierModule(params, model, threshold, guard)
         export_base.export(module, {key: key for key in (SIGNATURE, contract.EXPLAIN_SIGNATURE)}, str(tmp),
                            timestamped=False)
         (tmp / "assets.extra").mkdir(exist_ok=True)

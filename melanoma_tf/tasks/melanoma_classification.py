@@ -41,7 +41,7 @@ from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.evaluation import cross_validation
 from melanoma_tf.evaluation import tta as tta_lib
-from melanoma_tf.modeling import factory, optimization, pretrained
+from melanoma_tf.modeling import factory, input_guard, optimization, pretrained
 
 TIMING_FILE = "timing.json"
 FINAL, FINAL_MODEL = "final", "final_model.keras"
@@ -333,6 +333,19 @@ def _read_train_split(data_dir: str | Path, params: configs.ClassificationExperi
     return data, negatives
 
 
+def fit_input_guard(model: keras.Model, data_dir: str | Path, params: configs.ClassificationExperiment,
+                    model_dir: Path) -> None:
+    """The input guard of the final model (`modeling.input_guard`): its Gaussian fitted on the
+    training views of folds 1..K-1, its thresholds on fold 0's; saved for the export."""
+    train = inputs.read_index(data_dir, "train", params.data)
+    features, statistics = input_guard.describe(inputs.images(train, params.data), factory.inference_model(
+        model, params))
+    guard = input_guard.fit(features, statistics, train.folds == 0, params.evaluation.input_guard_refusal_rate)
+    guard.save(model_dir / input_guard.GUARD_FILE)
+    print(f"input guard: distance threshold {guard.max_distance:.1f}, fitted on {int((train.folds != 0).sum())} "
+          f"training views, thresholds on fold 0's {int((train.folds == 0).sum())}")
+
+
 def summarize(data_dir: str | Path, params: configs.ClassificationExperiment, model_dir: Path) -> dict:
     """Pools the folds' out-of-fold predictions (cv_metrics.json, the operating point the export
     reads) and evaluates the final model on the test split; refuses (MissingFits) when a fold or
@@ -355,6 +368,8 @@ def summarize(data_dir: str | Path, params: configs.ClassificationExperiment, mo
               f"using evaluation.threshold {threshold}")
     if t.final_model:
         model = keras.models.load_model(str(final_path), compile=False)  # see export_classifier.load_trained
+        if params.evaluation.input_guard_refusal_rate and t.folds:
+            fit_input_guard(model, data_dir, params, model_dir)
         try:
             test = inputs.read_index(data_dir, "test", params.data)
         except (FileNotFoundError, ValueError) as e:
