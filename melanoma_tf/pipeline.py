@@ -18,10 +18,10 @@ continues where it stopped. Profiles:
 - cpu: for real ISIC data on a CPU: the `lesion_maskrcnn_cpu_cascade` ResNet-101 FPN with cascade
   heads at 256 px for 1563 steps (60 CPU-minutes of a 2-core machine: the segmentation benchmark's
   60-minute point, benchmarks/README.md) and the ImageNet-pretrained EfficientNet-Lite0 on the
-  masked lesion (`melanoma_efficientnet_lite0`; the lesion-in-context profile is not the default
-  until its square stops showing the lesion's size as black padding, benchmarks/README.md),
-  cross-validated in 5 folds so that its served threshold is chosen for 90% sensitivity on
-  out-of-fold predictions. With several --data-dir folders (ISIC beside HAM10000) both train
+  lesion in its context (`melanoma_efficientnet_lite0_context`: the lesion's square with half
+  its size of skin per side, kept inside the frame; ahead of the masked lesion on sample v2 and
+  on the ISIC 2017 test set, benchmarks/README.md), cross-validated in 5 folds so that its
+  served threshold is chosen for 90% sensitivity on out-of-fold predictions, with its input guard. With several --data-dir folders (ISIC beside HAM10000) both train
   on the first folder only (`several_downloads_overrides` says why).
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU. With
   several folders it takes the same segmenter and classifier overrides as `cpu`.
@@ -62,7 +62,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(seg_cfg.QUICK_EXPERIMENT, "melanoma_alexnet_tuned", cls_folds=0, cls_epochs=15),
-    "cpu": Profile(seg_cfg.CPU_CASCADE_EXPERIMENT, "melanoma_efficientnet_lite0", cls_folds=5,
+    "cpu": Profile(seg_cfg.CPU_CASCADE_EXPERIMENT, "melanoma_efficientnet_lite0_context", cls_folds=5,
                    seg_train_steps=1563),
     "paper": Profile(seg_cfg.PAPER_EXPERIMENT, "melanoma_alexnet_paper", cls_folds=5),
     # Plumbing check for tests: the tiny test configs, a couple of minutes, learns nothing.

@@ -138,7 +138,7 @@ def _to_array(value: Any, name: str, dtype: tf.DType, may_hold_bools: bool = Tru
         target = np.dtype(dtype.as_numpy_dtype)
         allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}.get(target.kind, "iuf")
         if array.dtype.kind in "iu" and target.kind != "b" and may_hold_bools and _has_bool(value):
-            array = np.asarray(True)  # refused below, as a list of booleans would be
+            raise ValueError(f"booleans where {dtype.name} is expected")
         if array.size and array.dtype.kind not in allowed:
             kind = {"b": "booleans", "f": "non-integer numbers", "U": "strings", "O": "lists of unequal length"}
             raise ValueError(f"{kind.get(array.dtype.kind, array.dtype.name)} where {dtype.name} is expected")
