@@ -21,8 +21,9 @@ continues where it stopped. Profiles:
   lesion in its context (`melanoma_efficientnet_lite0_context`: the lesion's square with half
   its size of skin per side, kept inside the frame; ahead of the masked lesion on sample v2 and
   on the ISIC 2017 test set, benchmarks/README.md), cross-validated in 5 folds so that its
-  served threshold is chosen for 90% sensitivity on out-of-fold predictions, with its input guard. With several --data-dir folders (ISIC beside HAM10000) both train
-  on the first folder only (`several_downloads_overrides` says why).
+  served threshold is chosen for 90% sensitivity on out-of-fold predictions, with its input
+  guard. With several --data-dir folders (ISIC beside HAM10000) both train on the first folder
+  only (`several_downloads_overrides` says why).
 - paper: ResNet-101 FPN at 512 px, the paper's AlexNet and optimiser, 5 folds; for a GPU. With
   several folders it takes the same segmenter and classifier overrides as `cpu`.
 - smoke: the tiny test configs; checks the plumbing in a few minutes and learns nothing.

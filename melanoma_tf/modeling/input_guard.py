@@ -107,6 +107,8 @@ def fit(features: np.ndarray, statistics: tuple[np.ndarray, ...], held: np.ndarr
     from scipy.stats import norm
     from sklearn.covariance import LedoitWolf
 
+    if not 0 < refusal_rate < 1:
+        raise ValueError(f"input guard: refusal_rate {refusal_rate} must be in (0, 1)")
     fitted = LedoitWolf().fit(features[~held].astype(np.float64))
     # (x - mean) V diag(1 / sqrt(eigenvalues)): the Mahalanobis distance, without inverting a
     # covariance whose smallest eigenvalues (dead features) are at rounding level.

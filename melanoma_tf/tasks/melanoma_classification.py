@@ -334,13 +334,15 @@ def _read_train_split(data_dir: str | Path, params: configs.ClassificationExperi
 
 
 def fit_input_guard(model: keras.Model, data_dir: str | Path, params: configs.ClassificationExperiment,
-                    model_dir: Path) -> None:
+                    model_dir: Path, refusal_rate: float | None = None) -> None:
     """The input guard of the final model (`modeling.input_guard`): its Gaussian fitted on the
-    training views of folds 1..K-1, its thresholds on fold 0's; saved for the export."""
+    training views of folds 1..K-1, its thresholds on fold 0's, refusing `refusal_rate` of them
+    (default evaluation.input_guard_refusal_rate); saved for the export."""
     train = inputs.read_index(data_dir, "train", params.data)
     features, statistics = input_guard.describe(inputs.images(train, params.data), factory.inference_model(
         model, params))
-    guard = input_guard.fit(features, statistics, train.folds == 0, params.evaluation.input_guard_refusal_rate)
+    guard = input_guard.fit(features, statistics, train.folds == 0,
+                            refusal_rate or params.evaluation.input_guard_refusal_rate)
     guard.save(model_dir / input_guard.GUARD_FILE)
     print(f"input guard: distance threshold {guard.max_distance:.1f}, fitted on {int((train.folds != 0).sum())} "
           f"training views, thresholds on fold 0's {int((train.folds == 0).sum())}")
