@@ -15,7 +15,7 @@ from melanoma_tf.tasks import melanoma_classification as task
 
 PROFILES = ["melanoma_alexnet_paper", "melanoma_alexnet_tuned", "melanoma_alexnet_modern",
             "melanoma_alexnet_lesion_stats", "melanoma_alexnet_hybrid", "melanoma_efficientnet_lite0",
-            "melanoma_efficientnet_lite0_context"]
+            "melanoma_efficientnet_lite0_context", "melanoma_sklesion_xception_context"]
 
 
 def test_every_registered_profile_is_listed_here():
