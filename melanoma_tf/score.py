@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_SERVER
-    new_failed, outage = 0, None
+    written, new_failed, outage = 0, 0, None
     flush_each_row = not storage.is_url(args.output)  # a bucket re-uploads the whole file per flush
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a", newline="") as handle, client:
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.error is not None:
                 new_failed += 1
             writer.writerow(result_row(result, path))
+            written += 1
             if flush_each_row:
                 handle.flush()
             if time.monotonic() - last_sync > FSYNC_EVERY_SECONDS:
@@ -254,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         _sync(handle)
     if outage is not None:
-        scored = len(load_existing(args.output)) - len(existing)
-        print(f"error: stopped, no server answered ({outage}); {len(todo) - scored} images left unscored: "
+        print(f"error: stopped, no server answered ({outage}); {len(todo) - written} images left unscored: "
               "run again to score them", file=sys.stderr)
         return EXIT_NO_SERVER
     old_failed = sum(1 for image_id, row in existing.items() if image_id in paths and row["error"])

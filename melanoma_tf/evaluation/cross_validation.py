@@ -131,4 +131,3 @@ def read_predictions(model_dir: Path, split: str = "train") -> dict[str, tuple[i
         return {r["image_id"]: (int(r["label"]), float(r["melanoma_probability_last_epoch"]
                                                         or r["melanoma_probability"]))
                 for r in csv.DictReader(f) if r["split"] == split}
-

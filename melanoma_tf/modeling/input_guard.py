@@ -133,8 +133,7 @@ def describe(views: tf.data.Dataset, model: keras.Model) -> tuple[np.ndarray, tu
     """Features and image statistics of every view of a dataset of uint8 batches."""
     classifier = with_features(model)
     features, stats = [], []
-    for batch in views:
-        images = batch[0] if isinstance(batch, tuple) else batch
+    for images in views:
         features.append(classifier(images, training=False)[1].numpy())
         stats.append([s.numpy() for s in image_statistics(images)])
     return np.concatenate(features), tuple(np.concatenate(column) for column in zip(*stats))
