@@ -9,7 +9,9 @@ trained on (its params.yaml), each with the same standardised logistic regressio
 an inner cross-validation) on the run's stored folds: out-of-fold AUCs on the train split, then
 fitted on the whole train split and scored on the test split. The Xception head is paired with
 the fine-tuned run (out of fold, and its final model on the test split), and so is the mean of
-the two models' probabilities (the ensemble issue 35 serves). Before any figure: how many
+the two models' probabilities (the ensemble issue 35 serves). The test split's seborrheic
+keratoses (records built with --include-other, `--records-all`) are scored by every variant too,
+for ISIC 2017's melanoma-against-the-rest AUC. Before any figure: how many
 test-split images have a near-duplicate among HAM10000's (16x16 grey correlation >= 0.985, with
 flips: the check the HAM10000 sample was deduplicated with), since the backbone trained on
 HAM10000. Features are cached beside the run (`dermoscopy_features.npz`), so a stopped run
@@ -27,14 +29,19 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
-from melanoma_tf import atomic
+from melanoma_tf import atomic, build_tfrecords
 from melanoma_tf.configs import classification as cls_cfg
 from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.evaluation import cross_validation
+from melanoma_tf.tasks import melanoma_classification as task
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -45,7 +52,6 @@ BACKBONES = {"sklesion_xception": 254, "efficientnet_lite0": 224}
 
 def pooled_features(name: str, size: int, images: np.ndarray, batch: int = 32) -> tuple[np.ndarray, float]:
     """[N, C] global-average-pooled features of uint8 views, and the ms per image it took."""
-    import keras
     import tensorflow as tf
 
     from melanoma_tf.modeling import backbone_classifier
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a finished cross-validated classifier run")
     p.add_argument("--records", type=Path, default=ROOT / "tfrecords/isic-sample")
+    p.add_argument("--records-all", type=Path, default=ROOT / "tfrecords/isic-sample-all",
+                   help="records with seborrheic keratoses too (built when absent): melanoma against the rest")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data/isic-sample")
     p.add_argument("--ham", type=Path, default=ROOT.parent / "shared/data/ham10000-sample")
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -103,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     params = cls_cfg.load_config(args.run / "params.yaml")
     data = {split: inputs.read_lesions(args.records, split, params.data) for split in ("train", "test")}
+    if not (args.records_all / "manifest.json").exists():
+        build_tfrecords.build(args.data_dir, args.records_all, folds=5, seed=0, include_other=True)
+    data["keratoses"] = inputs.read_lesions(args.records_all, "test", params.data, classes=(inputs.OTHER,))
     leak = near_duplicates(list(data["test"].image_ids), args.data_dir, args.ham) if args.ham.is_dir() else None
     cache = args.run / "dermoscopy_features.npz"
     features = dict(np.load(cache)) if cache.exists() else {}
     for name, size in BACKBONES.items():
-        for split in ("train", "test"):
+        for split in data:
             if f"{name}/{split}" not in features:
                 features[f"{name}/{split}"], features[f"{name}/{split}/ms"] = pooled_features(
                     name, size, data[split].images)
@@ -116,21 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     folds, n, seed = params.training.folds, args.bootstrap, params.training.seed
     fine_tuned = {split: cross_validation.read_predictions(args.run, split) for split in ("train", "test")}
     tuned = {split: np.array([fine_tuned[split][i][1] for i in data[split].image_ids]) for split in ("train", "test")}
+    tuned["keratoses"] = task.predict(keras.models.load_model(args.run / "final_model.keras", compile=False),
+                                      data["keratoses"].images, params.evaluation.tta)
     scores = {"fine-tuned run": tuned}
     for name in BACKBONES:
         oof, _ = logistic_cv(features[f"{name}/train"], train, folds, select_c=True)
-        from sklearn.linear_model import LogisticRegressionCV
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         head = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-5, -1, 9), scoring="roc_auc",
                                                                     class_weight="balanced", max_iter=5000))
         head.fit(features[f"{name}/train"], train.labels)
-        scores[f"{name} frozen + regression"] = {"train": oof,
-                                                  "test": head.predict_proba(features[f"{name}/test"])[:, 1]}
+        scores[f"{name} frozen + regression"] = {"train": oof, **{
+            split: head.predict_proba(features[f"{name}/{split}"])[:, 1] for split in ("test", "keratoses")}}
     xception = scores["sklesion_xception frozen + regression"]
     scores["ensemble: mean of fine-tuned run and sklesion_xception"] = {
-        split: (tuned[split] + xception[split]) / 2 for split in ("train", "test")}
+        split: (tuned[split] + xception[split]) / 2 for split in data}
+    # Melanoma against nevus and seborrheic keratosis: the test split with its keratoses as negatives.
+    rest_labels = np.concatenate([test.labels, np.zeros(len(data["keratoses"]), int)])
+    rest = {variant: np.concatenate([score["test"], score["keratoses"]]) for variant, score in scores.items()}
     rows = {}
     for variant, score in scores.items():
         rows[variant] = {
@@ -139,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             "cv_minus_fine_tuned_run": metrics.auc_difference(train.labels, score["train"], tuned["train"], n=n,
                                                               seed=seed),
             "test_minus_fine_tuned_run": metrics.auc_difference(test.labels, score["test"], tuned["test"], n=n,
-                                                                seed=seed)}
+                                                                seed=seed),
+            "test_auc_melanoma_vs_rest": metrics.metrics_with_ci(rest_labels, rest[variant], n=n, seed=seed)["roc_auc"],
+            "test_vs_rest_minus_fine_tuned_run": metrics.auc_difference(
+                rest_labels, rest[variant], rest["fine-tuned run"], n=n, seed=seed)}
     threshold = metrics.threshold_for_sensitivity(train.labels, scores[
         "ensemble: mean of fine-tuned run and sklesion_xception"]["train"], params.evaluation.target_sensitivity)
     ensemble = scores["ensemble: mean of fine-tuned run and sklesion_xception"]["test"]
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "view": params.data.view, "margin": params.data.margin,
         "train_images": len(train), "train_melanoma": int(train.labels.sum()),
         "test_images": len(test), "test_melanoma": int(test.labels.sum()),
+        "test_seborrheic_keratoses": len(data["keratoses"]),
         "near_duplicates_in_ham10000": leak,
         "feature_ms_per_image": {name: float(features[f"{name}/train/ms"]) for name in BACKBONES},
         "variants": rows,
@@ -161,14 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     with atomic.atomic_file(args.output.parent / "predictions-dermoscopy-backbone.csv", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "split", "label", *scores])
-        for split, subset in data.items():
+        for split, subset in data.items():  # keratoses: split "keratoses", label 2
             for i, image_id in enumerate(subset.image_ids):
                 writer.writerow([image_id, split, int(subset.labels[i]),
                                  *(f"{s[split][i]:.6f}" for s in scores.values())])
     for variant, row in rows.items():
         print(f"{variant:55s} CV {metrics.format_ci(row['cv_auc_out_of_fold'])}  "
               f"test {metrics.format_ci(row['test_auc'])}  "
-              f"test - run {metrics.format_ci(row['test_minus_fine_tuned_run'])}")
+              f"test - run {metrics.format_ci(row['test_minus_fine_tuned_run'])}  "
+              f"vs rest {metrics.format_ci(row['test_auc_melanoma_vs_rest'])}, - run "
+              f"{metrics.format_ci(row['test_vs_rest_minus_fine_tuned_run'])}")
     return 0
 
 

@@ -13,8 +13,11 @@ paired on the same images. A context view that learned markers would gain on the
 and not on the clean ones. Then where the run's final model looks (`modeling/grad_cam.py`): on
 views with black padding (where the lesion's square leaves the image, so its extent shows the
 lesion's size), the share of the heat map on the padding against the padding's share of the
-view, and how well the padded area alone separates the classes. Writes
-benchmarks/results/shortcut-audit-<run>.json.
+view, and how well the padded area alone separates the classes. Last the lesion-size-only
+control: a logistic regression on the ground-truth mask's size relative to the frame (area, box
+sides, the square's side), cross-validated on the run's stored folds and fitted on its training
+split for the test split, paired with the run on the same images: what size alone would give.
+Writes benchmarks/results/shortcut-audit-<run>.json.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tensorflow as tf
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from worst_segmentations import attributes, test_images
 
-from melanoma_tf import atomic
+from melanoma_tf import atomic, tfrecords
 from melanoma_tf.dataloaders import classification_input as inputs
 from melanoma_tf.evaluation import classification as metrics
 from melanoma_tf.modeling import grad_cam
@@ -91,6 +97,60 @@ def padding_heat(run: Path, records: Path) -> dict:
             "padding_area_alone_roc_auc": float(roc_auc_score(test.labels, area))}
 
 
+SIZE_FEATURES = ("area / frame", "box height / frame height", "box width / frame width",
+                 "box's longer side / frame's shorter side")
+
+
+def size_features(mask: np.ndarray) -> np.ndarray:
+    """The lesion's size relative to its frame, nothing else: what a view could leak through
+    how much of the frame the lesion or its square takes (logs: sizes are multiplicative)."""
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return np.log(np.full(len(SIZE_FEATURES), 1e-4))
+    height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+    h, w = mask.shape[:2]
+    return np.log([len(rows) / mask.size, height / h, width / w, max(height, width) / min(h, w)])
+
+
+def size_control(run: Path, records: Path, n_boot: int) -> dict:
+    """The lesion-size-only control on the run's folds and test split, paired with the run."""
+    with (run / "predictions.csv").open() as f:
+        rows = {r["image_id"]: r for r in csv.DictReader(f)}
+    features = {}
+    for split in ("train", "test"):
+        for raw in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(tfrecords.split_pattern(records, split, False)))):
+            ex = tfrecords.parse_lesion(raw)
+            image_id = ex["image_id"].numpy().decode()
+            if image_id in rows:
+                features[image_id] = size_features(ex["mask"].numpy().squeeze() > 0)
+    out = {"features": list(SIZE_FEATURES), "model": "StandardScaler + LogisticRegression(C=0.1, balanced)"}
+    for split in ("train", "test"):
+        ids = [i for i, r in rows.items() if r["split"] == split and i in features]
+        x = np.stack([features[i] for i in ids])
+        labels = np.array([int(rows[i]["label"]) for i in ids])
+        run_score = np.array([float(rows[i]["melanoma_probability"]) for i in ids])
+        size_score = np.zeros(len(ids))
+        if split == "train":  # out of fold, on the run's own folds
+            folds = np.array([int(rows[i]["fold"]) for i in ids])
+            for k in np.unique(folds):
+                model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced"))
+                model.fit(x[folds != k], labels[folds != k])
+                size_score[folds == k] = model.predict_proba(x[folds == k])[:, 1]
+        else:
+            train = [i for i, r in rows.items() if r["split"] == "train" and i in features]
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced"))
+            model.fit(np.stack([features[i] for i in train]), [int(rows[i]["label"]) for i in train])
+            size_score = model.predict_proba(x)[:, 1]
+        key = "cross_validation" if split == "train" else "test_split"
+        out[key] = {"images": len(ids), "melanoma": int(labels.sum()),
+                    "size_only_roc_auc": metrics.metrics_with_ci(labels, size_score, n=n_boot, seed=0)["roc_auc"],
+                    "run_roc_auc": metrics.metrics_with_ci(labels, run_score, n=n_boot, seed=0)["roc_auc"],
+                    "run_minus_size_only": metrics.auc_difference(labels, run_score, size_score, n=n_boot, seed=0)}
+        print(f"size only, {key}: AUC {metrics.format_ci(out[key]['size_only_roc_auc'])}, run minus size "
+              f"{metrics.format_ci(out[key]['run_minus_size_only'])}")
+    return out
+
+
 def group_metrics(labels: np.ndarray, score: np.ndarray, threshold: float, n_boot: int) -> dict:
     if len(set(labels.tolist())) < 2:
         return {"images": len(labels), "melanoma": int(labels.sum()), "note": "one class only: no AUC"}
@@ -139,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", paired {metrics.format_ci(diff)}" if diff else ""))
     out["padding_heat"] = padding_heat(args.run, args.records)
     print(f"padding: {out['padding_heat']}")
+    out["size_only"] = size_control(args.run, args.records, args.bootstrap)
     output = args.output or HERE / "results" / f"shortcut-audit-{args.run.name}.json"
     atomic.write_json(output, out)
     print(f"results: {output}")
