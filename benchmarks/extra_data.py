@@ -1,6 +1,6 @@
 """Does HAM10000 beside ISIC help the classifier? Measured on today's v2 test split.
 
-    python benchmarks/extra_data.py [--variant E|H|HO ...] [--records tfrecords/isic-ham-all]
+    python benchmarks/extra_data.py [--variant E|H|HO|HB|C|CB ...] [--records tfrecords/isic-ham-all]
 
 Records: `build_tfrecords --data-dir ../shared/data/isic-sample --data-dir
 ../shared/data/ham10000-sample --include-other` (built here when missing). The first folder's test
@@ -14,17 +14,20 @@ sensitivity) on fold 0's sample-v2 melanomas and nevi (a lesion-grouped validati
 never trained on), then score the test split: melanoma against nevus, and melanoma against nevus +
 seborrheic keratosis (ISIC 2017 Part 3), each paired with variant E on the same images.
 
-Variants (all `melanoma_efficientnet_lite0`):
+Variants (`melanoma_efficientnet_lite0`, the masked lesion, unless named):
   E   sample v2 only, today's recipe (10 epochs over ~1,180 images)
   H   sample v2 + HAM10000 melanomas and nevi; epochs of data.epoch_images drawn images
   HO  H + every other diagnosis (HAM's bkl, bcc, akiec, vasc, df and v2's keratoses) as not melanoma
   HB  H with sample v2's images repeated so that an epoch draws as many of them as of HAM10000's
+  C   E on the lesion in its context (`melanoma_efficientnet_lite0_context`, the `cpu` classifier)
+  CB  HB on the lesion in its context, also paired with C
 Results merge into benchmarks/results/extra-data-v2.json; each fit resumes from its own folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import sys
@@ -41,7 +44,7 @@ from melanoma_tf.tasks import melanoma_classification as task
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data"
-EXPERIMENT = "melanoma_efficientnet_lite0"
+EXPERIMENT, CONTEXT = "melanoma_efficientnet_lite0", "melanoma_efficientnet_lite0_context"
 VALIDATION_FOLD = 0
 VARIANTS = {
     "E": {"downloads": ["isic-sample"], "others": False, "override": ""},
@@ -49,6 +52,10 @@ VARIANTS = {
     "HO": {"downloads": ["isic-sample", "ham10000-sample"], "others": True, "override": "data.epoch_images=2400"},
     "HB": {"downloads": ["isic-sample", "ham10000-sample"], "others": False,
            "override": "data.epoch_images=2400,data.balance_downloads=true"},
+    "C": {"downloads": ["isic-sample"], "others": False, "override": "", "experiment": CONTEXT},
+    "CB": {"downloads": ["isic-sample", "ham10000-sample"], "others": False,
+           "override": "data.epoch_images=2400,data.balance_downloads=true", "experiment": CONTEXT,
+           "paired_with": "C"},
 }
 
 
@@ -74,7 +81,7 @@ def _keep(data: inputs.LesionSet, ids: set[str]) -> inputs.LesionSet:
 
 def run_variant(name: str, records: Path, manifest: dict, run_root: Path) -> dict:
     spec = VARIANTS[name]
-    params = task.resolve_params(EXPERIMENT, params_override=",".join(
+    params = task.resolve_params(spec.get("experiment", EXPERIMENT), params_override=",".join(
         s for s in ("training.verbose=2", spec["override"]) if s))
     from_download = {i for i, r in manifest["images"].items() if r["download"] in spec["downloads"]}
     train_all = _keep(inputs.read_index(records, "train", params.data), from_download)
@@ -103,21 +110,21 @@ def run_variant(name: str, records: Path, manifest: dict, run_root: Path) -> dic
                      sk_ids=test_other.image_ids, sk=scores(test_other))
         keras.backend.clear_session()
     timing = json.loads((run_dir / "fit" / task.TIMING_FILE).read_text())
-    return {"training_images": len(set(train.image_ids)), "training_melanomas": int(train.labels[
+    return {"experiment": spec.get("experiment", EXPERIMENT),
+            "training_images": len(set(train.image_ids)), "training_melanomas": int(train.labels[
                 np.unique(train.image_ids, return_index=True)[1]].sum()),
             "override": spec["override"], "downloads": spec["downloads"], "others_as_negative": spec["others"],
             "cpu_minutes": round(timing["cpu_seconds"] / 60, 1), "wall_minutes": round(timing["wall_seconds"] / 60, 1),
             "seconds_this_call": round(time.perf_counter() - start)}
 
 
-def score(run_root: Path, name: str, reference: str, n_boot: int = 1000) -> dict:
-    """Test metrics of one variant, paired against the reference variant on the same images."""
-    s, r = np.load(run_root / name / "scores.npz"), np.load(run_root / reference / "scores.npz")
-    assert (s["test_ids"] == r["test_ids"]).all() and (s["sk_ids"] == r["sk_ids"]).all()
+def score(run_root: Path, name: str, references: list[str], n_boot: int = 1000) -> dict:
+    """Test metrics of one variant, paired against each reference variant on the same images."""
+    s = np.load(run_root / name / "scores.npz")
     threshold = metrics.threshold_for_sensitivity(s["val_labels"], s["val"], 0.9)
     y = s["test_labels"]
     y_rest = np.concatenate([y, np.zeros(len(s["sk"]), int)])
-    rest, rest_ref = np.concatenate([s["test"], s["sk"]]), np.concatenate([r["test"], r["sk"]])
+    rest = np.concatenate([s["test"], s["sk"]])
     out = {"threshold": threshold, "threshold_chosen_on": f"{len(s['val_labels'])} v2 fold-0 images "
            f"({int(s['val_labels'].sum())} melanoma), 90% sensitivity",
            "melanoma_vs_nevus": {"images": len(y), "melanoma": int(y.sum()),
@@ -125,12 +132,33 @@ def score(run_root: Path, name: str, reference: str, n_boot: int = 1000) -> dict
                                  "calibration": metrics.calibration(y, s["test"])},
            "melanoma_vs_nevus_and_sk": {"images": len(y_rest), "keratoses": len(s["sk"]),
                                         "metrics": metrics.metrics_with_ci(y_rest, rest, threshold, n=n_boot)}}
-    if name != reference:
+    for reference in references:
+        r = np.load(run_root / reference / "scores.npz")
+        assert (s["test_ids"] == r["test_ids"]).all() and (s["sk_ids"] == r["sk_ids"]).all()
         out["melanoma_vs_nevus"]["roc_auc_minus_" + reference] = metrics.auc_difference(
             y, s["test"], r["test"], n=n_boot)
         out["melanoma_vs_nevus_and_sk"]["roc_auc_minus_" + reference] = metrics.auc_difference(
-            y_rest, rest, rest_ref, n=n_boot)
+            y_rest, np.concatenate([s["test"], s["sk"]]), np.concatenate([r["test"], r["sk"]]), n=n_boot)
     return out
+
+
+def write_predictions(run_root: Path, names: list[str], path: Path) -> None:
+    """Per-image scores of the variants fitted here (fold-0 validation, test, test keratoses),
+    one column each, for later pairing: the runs' folders are not kept."""
+    fitted = {n: np.load(run_root / n / "scores.npz") for n in names if (run_root / n / "scores.npz").exists()}
+    if not fitted:
+        return
+    first = next(iter(fitted.values()))
+    for name, s in fitted.items():
+        if any((s[f"{split}_ids"] != first[f"{split}_ids"]).any() for split in ("val", "test", "sk")):
+            raise ValueError(f"{name}: scored other images than {next(iter(fitted))}")
+    with atomic.atomic_file(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "split", "label", *fitted])
+        for split, labels in (("val", first["val_labels"]), ("test", first["test_labels"]),
+                              ("sk", np.full(len(first["sk_ids"]), 2))):
+            for i, image_id in enumerate(first[f"{split}_ids"]):
+                writer.writerow([image_id, split, int(labels[i]), *(f"{s[split][i]:.6f}" for s in fitted.values())])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         results["variants"].setdefault(name, {}).update(entry, finished=finished)
         atomic.write_json(args.output, results)
     for name in results["variants"]:
-        if (args.runs / name / "scores.npz").exists() and (args.runs / "E" / "scores.npz").exists():
-            results["variants"][name]["test"] = score(args.runs, name, "E")
+        references = [r for r in ("E", VARIANTS[name].get("paired_with")) if r and r != name]
+        if all((args.runs / n / "scores.npz").exists() for n in [name, *references]):
+            results["variants"][name]["test"] = score(args.runs, name, references)
     atomic.write_json(args.output, results)
+    write_predictions(args.runs, list(results["variants"]),
+                      args.output.with_name(f"predictions-{args.output.stem}.csv"))
     for name, v in results["variants"].items():
         t = v.get("test")
         if t:
