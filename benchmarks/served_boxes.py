@@ -69,8 +69,8 @@ def views(records: Path, split: str, cfg, index: int) -> dict:
         otsu = baselines.otsu_lesion_mask(image)
         seed = tf.constant([index, len(out["ids"])], tf.int64)  # the same boxes on every rerun
         for source in SOURCES:
-            mask, jitter = (otsu, 0.0) if source == "otsu" else (truth, float(source.split()[-1]) if
-                                                                 source.startswith("jitter") else 0.0)
+            mask = otsu if source == "otsu" else truth
+            jitter = float(source.split()[-1]) if source.startswith("jitter") else 0.0
             out["views"][source].append(to_view(image, mask, cfg.input_size, cfg.margin, jitter, seed).numpy())
             if source.startswith("jitter"):  # the box the view was cut around
                 jittered = masking.jitter_box(tf.constant(box(truth)), jitter, seed).numpy()
