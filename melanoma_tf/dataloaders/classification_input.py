@@ -115,7 +115,8 @@ def stream(data: LesionSet, cfg: configs.DataConfig, training: bool = False, see
 
     # Each record's id is parsed once: how often it streams (0: not one of data's rows).
     records = (records.map(lambda r: (r, copies.lookup(tfrecords.parse_lesion_index(r)["image_id"])))
-               .filter(lambda r, n: n > 0).flat_map(lambda r, n: tf.data.Dataset.from_tensors(r).repeat(n)))
+               .filter(lambda record, count: count > 0)  # distinct names: AutoGraph tells lambdas apart by them
+               .flat_map(lambda r, n: tf.data.Dataset.from_tensors(r).repeat(n)))
     if training:
         records = records.shuffle(SHUFFLE_RECORDS, seed=seed, reshuffle_each_iteration=True)
     to_view = masking.view_fn(cfg.view)
