@@ -138,7 +138,7 @@ def score(run_root: Path, name: str, references: list[str], n_boot: int = 1000) 
         out["melanoma_vs_nevus"]["roc_auc_minus_" + reference] = metrics.auc_difference(
             y, s["test"], r["test"], n=n_boot)
         out["melanoma_vs_nevus_and_sk"]["roc_auc_minus_" + reference] = metrics.auc_difference(
-            y_rest, np.concatenate([s["test"], s["sk"]]), np.concatenate([r["test"], r["sk"]]), n=n_boot)
+            y_rest, rest, np.concatenate([r["test"], r["sk"]]), n=n_boot)
     return out
 
 
