@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from official.vision.ops import box_ops
 from tqdm import tqdm
 
 from melanoma_tf import atomic, masking, tfrecords
@@ -41,20 +42,6 @@ ROOT = HERE.parent
 SOURCES = ("ground truth", "otsu", "jitter 0.1", "jitter 0.2")
 
 
-def box(mask: np.ndarray) -> np.ndarray | None:
-    rows, cols = np.nonzero(mask)
-    return None if len(rows) == 0 else np.array([rows.min(), cols.min(), rows.max() + 1, cols.max() + 1], float)
-
-
-def box_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
-    if a is None or b is None:
-        return 0.0
-    h = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    w = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - h * w
-    return h * w / union
-
-
 def views(records: Path, split: str, cfg, index: int) -> dict:
     """Every melanoma/nevus image of the split with a mask: its views from each box source,
     label, fold, id and each source's box IoU with the ground truth's."""
@@ -67,16 +54,15 @@ def views(records: Path, split: str, cfg, index: int) -> dict:
             continue
         image, truth = r["image"].numpy(), r["mask"].numpy()
         otsu = baselines.otsu_lesion_mask(image)
+        truth_box = tf.cast(masking.lesion_box(truth), tf.float32)
         seed = tf.constant([index, len(out["ids"])], tf.int64)  # the same boxes on every rerun
         for source in SOURCES:
             mask = otsu if source == "otsu" else truth
             jitter = float(source.split()[-1]) if source.startswith("jitter") else 0.0
             out["views"][source].append(to_view(image, mask, cfg.input_size, cfg.margin, jitter, seed).numpy())
-            if source.startswith("jitter"):  # the box the view was cut around
-                jittered = masking.jitter_box(tf.constant(box(truth)), jitter, seed).numpy()
-                out["iou"][source].append(box_iou(box(truth), jittered))
-            else:
-                out["iou"][source].append(box_iou(box(truth), box(mask)))
+            # The box the view was cut around (`masking._square_box`'s), against the ground truth's.
+            cut = masking.jitter_box(tf.cast(masking.lesion_box(mask), tf.float32), jitter, seed)  # 0: unmoved
+            out["iou"][source].append(float(box_ops.bbox_overlap(cut[None, None], truth_box[None, None])[0, 0, 0]))
         out["labels"].append(int(r["label"]))
         out["folds"].append(int(r["fold"]))
         out["ids"].append(r["image_id"].numpy().decode())

@@ -32,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tensorflow as tf
+from classification import logistic_cv
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
@@ -129,16 +130,13 @@ def size_control(run: Path, records: Path, n_boot: int) -> dict:
         x = np.stack([features[i] for i in ids])
         labels = np.array([int(rows[i]["label"]) for i in ids])
         run_score = np.array([float(rows[i]["melanoma_probability"]) for i in ids])
-        size_score = np.zeros(len(ids))
-        if split == "train":  # out of fold, on the run's own folds
+        if split == "train":  # out of fold, on the run's own folds: the colour/shape baseline's regression
             folds = np.array([int(rows[i]["fold"]) for i in ids])
-            for k in np.unique(folds):
-                model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced"))
-                model.fit(x[folds != k], labels[folds != k])
-                size_score[folds == k] = model.predict_proba(x[folds == k])[:, 1]
+            lesions = inputs.LesionSet(images=None, labels=labels, folds=folds, image_ids=np.array(ids))
+            size_score, _ = logistic_cv(x, lesions, len(np.unique(folds)))
         else:
             train = [i for i, r in rows.items() if r["split"] == "train" and i in features]
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced"))
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000))
             model.fit(np.stack([features[i] for i in train]), [int(rows[i]["label"]) for i in train])
             size_score = model.predict_proba(x)[:, 1]
         key = "cross_validation" if split == "train" else "test_split"

@@ -79,7 +79,7 @@ def test_the_export_computes_what_the_training_time_function_computes(guarded_ru
     np.testing.assert_allclose(out[contract.INPUT_DISTANCE].numpy(), distances.numpy(), rtol=1e-4)
     np.testing.assert_array_equal(out[contract.INPUT_STATUS].numpy(), status.numpy())
     plain = export_classifier.export(model_dir, model_dir / "exports" / contract.CLASSIFIER / "2",
-                                                  checkpoint=model_dir / task.FINAL_MODEL)
+                                     checkpoint=model_dir / task.FINAL_MODEL)
     outputs = tf.saved_model.load(str(plain)).signatures["serving_default"].structured_outputs
     assert contract.INPUT_STATUS not in outputs, "a checkpoint other than the final model goes without a guard"
 
