@@ -1,7 +1,7 @@
 """The whole pipeline on real ISIC images, within a stated CPU budget, scored on their test split.
 
     python benchmarks/pipeline.py --data-dir ../shared/data/isic-sample [--data-dir ../shared/data/ham10000-sample] \
-        [--profile cpu] [--seg-from benchmarks/.runs/segmentation-cpu-60min] [--cls-from RUN]
+        [--profile cpu] [--seg-from benchmarks/.runs/segmentation-cpu-60min] [--cls-from RUN] [--ensemble-with RUN]
 
 Runs `melanoma_tf.pipeline` (records -> segmentation -> classifier -> export -> embedded server ->
 gRPC client on the test split -> evaluation and report) and prints the test-split figures next
@@ -12,6 +12,7 @@ The `cpu` profile's segmenter is the 60-minute run of benchmarks/segmentation.py
 same steps, same split): --seg-from copies that run's checkpoints into the work dir so the
 pipeline resumes at its last step instead of training the same network a second time.
 --cls-from does the same for the classifier's cross-validated run of benchmarks/classification.py.
+--ensemble-with serves the classifier averaged with other finished runs (`pipeline --ensemble-with`).
 Several --data-dir folders build into one set of records whose test split is the first folder's
 (`build_tfrecords`). Results: benchmarks/results/pipeline-<data>[+<data>...]-<profile>.json (or
 <work dir's name>.json), the report in the work dir; benchmarks/paired_pipelines.py pairs two.
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a finished segmentation run with this profile's settings, to reuse")
     p.add_argument("--cls-from", type=Path, default=None,
                    help="a finished classifier run (benchmarks/classification.py) with this profile's settings")
+    p.add_argument("--ensemble-with", type=Path, action="append", default=[], metavar="RUN",
+                   help="a finished classifier run to average with the pipeline's in the served model")
     args = p.parse_args(argv)
     data_dirs = args.data_dir or [ROOT.parent / "shared/data/isic-sample"]
     name = f"pipeline-{'+'.join(d.resolve().name for d in data_dirs)}-{args.profile}"
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cls_from:
         seed_classifier(args.cls_from, work / "runs" / "cls")
     start = time.time()
-    pipeline.run(data_dirs[0] if len(data_dirs) == 1 else data_dirs, work, args.profile)
+    pipeline.run(data_dirs[0] if len(data_dirs) == 1 else data_dirs, work, args.profile,
+                 ensemble_with=args.ensemble_with)
     metrics = json.loads((work / "report" / "metrics.json").read_text())
     rows_all = report.read_predictions(work / "report" / "predictions.csv")
     rows = [r for r in rows_all if r["jaccard"] is not None]
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": pipeline.PROFILES[args.profile].__dict__,
               "seg_from": os.path.relpath(args.seg_from, ROOT) if args.seg_from else "",
               "cls_from": os.path.relpath(args.cls_from, ROOT) if args.cls_from else "",
+              "ensemble_with": [os.path.relpath(d, ROOT) for d in args.ensemble_with],
               "wall_minutes_this_run": round((time.time() - start) / 60, 1), "step_seconds": steps,
               # what each step took when it ran (a rerun skips finished steps and keeps these)
               "pipeline_minutes": round(sum(steps.values()) / 60, 1),

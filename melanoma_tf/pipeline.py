@@ -1,13 +1,16 @@
 """The main job: from images to a trained, exported, served and evaluated two-stage model.
 
     python -m melanoma_tf.pipeline [--data-dir D [--data-dir D2 ...] [--test-data-dir T]] [--work-dir W]
-        [--profile quick|cpu|paper]
+        [--profile quick|cpu|paper] [--ensemble-with RUN ...]
 
 Without --data-dir it runs on the embedded default, a synthetic dermoscopy dataset generated
 into the work dir. Steps: build TFRecords -> train segmentation -> train classifier (with
 5-fold cross-validation in `paper`) -> export both as versioned SavedModels -> start the
 embedded TF Serving-compatible server on a free loopback port -> score the test split through
-the gRPC client -> evaluate -> write the report -> stop the server.
+the gRPC client -> evaluate -> write the report -> stop the server. --ensemble-with serves the
+mean of the trained classifier and other finished classifier runs on the same view (e.g. a
+dermoscopy-trained backbone's), at the threshold chosen on their mean out-of-fold predictions
+(`export --ensemble-with`).
 
 Each step records what it was run with in `W/.steps/<step>.json` and is skipped when that
 matches (training steps also resume from their own checkpoints), so a rerun after a crash
@@ -120,7 +123,7 @@ class Steps:
 
 
 def run(data_dir: Path | Sequence[Path] | None, work_dir: Path, profile: str = "quick",
-        test_data_dir: Path | None = None) -> dict:
+        test_data_dir: Path | None = None, ensemble_with: Sequence[Path] = ()) -> dict:
     """Runs (or resumes) every step; returns the served chain's test-split metrics. data_dir: one
     download folder or several (e.g. ISIC 2017 and HAM10000; `build_tfrecords` says how they split).
     With test_data_dir every image of data_dir trains and that separate labelled folder is the test
@@ -181,10 +184,11 @@ def run(data_dir: Path | Sequence[Path] | None, work_dir: Path, profile: str = "
         # Versions are immutable: a retrained model becomes the next version, which the server serves.
         paths = {name: Path(versions.next_version(str(exports / name))) for name in (SEG_MODEL, CLS_MODEL)}
         export_segmenter.export(seg_dir, paths[SEG_MODEL], classifier_dir=cls_dir)
-        export_classifier.export(cls_dir, paths[CLS_MODEL])
+        export_classifier.export(cls_dir, paths[CLS_MODEL], ensemble_with=list(ensemble_with))
         return {name: str(path) for name, path in paths.items()}
 
-    exported = steps.run("export", {}, export_both)
+    ensemble = [str(Path(d).resolve()) for d in ensemble_with]
+    exported = steps.run("export", {"ensemble_with": ensemble} if ensemble else {}, export_both)
 
     def serve_and_evaluate():
         from melanoma_tf import evaluate
@@ -230,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-data-dir", type=Path, default=None,
                    help="a separate labelled ISIC folder to test on; then every image of --data-dir trains")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--ensemble-with", type=Path, action="append", default=[], metavar="RUN",
+                   help="a finished classifier run to average with the trained one in the served model; repeatable")
     args = p.parse_args(argv)
     if args.test_data_dir and args.data_dir is None:
         p.error("--test-data-dir needs --data-dir (the synthetic default has its own test split)")
-    run(args.data_dir, args.work_dir, args.profile, args.test_data_dir)
+    run(args.data_dir, args.work_dir, args.profile, args.test_data_dir, args.ensemble_with)
     return 0
 
 

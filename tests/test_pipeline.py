@@ -112,3 +112,23 @@ def test_two_folders_train_the_segmenter_on_the_first_and_the_classifier_by_evid
     with pytest.raises(_Stop):  # one folder: the profile as it was
         pipeline.run(isic, tmp_path / "one", profile=profile)
     assert seen["seg"] == [] and not seen["cls"].data.balance_downloads and not seen["cls"].data.downloads
+
+
+def test_ensemble_with_reaches_the_classifier_export(smoke_work, synthetic_dir, monkeypatch):
+    """--ensemble-with joins the export step's key, so a finished run exports again, averaging
+    its classifier with the given runs (the averaging itself: test_export_classifier)."""
+    from melanoma_tf.serving import export_classifier, export_segmenter
+
+    work, _ = smoke_work
+    seen = {}
+
+    def export(model_dir, export_dir, ensemble_with=()):
+        seen.update(model_dir=Path(model_dir), ensemble_with=list(ensemble_with))
+        raise _Stop
+
+    monkeypatch.setattr(export_segmenter, "export", lambda *args, **kwargs: None)
+    monkeypatch.setattr(export_classifier, "export", export)
+    other = work / "runs" / "other_cls"
+    with pytest.raises(_Stop):
+        pipeline.run(synthetic_dir, work, profile="smoke", ensemble_with=[other])
+    assert seen == {"model_dir": work / "runs" / "cls", "ensemble_with": [other]}

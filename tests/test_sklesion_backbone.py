@@ -115,3 +115,10 @@ def test_an_ensemble_of_runs_serves_the_mean_at_its_own_operating_point(tmp_path
     with pytest.raises(ValueError, match="not both"):
         export_classifier.export(tmp_path / "run_0", tmp_path / "exports" / "melanoma_classifier" / "2",
                                  fold_ensemble=True, ensemble_with=[tmp_path / "run_1"])
+    other_view = task.resolve_params("melanoma_alexnet_paper", params_override={
+        "model": {"dense_units": [8]}, "evaluation": {"target_sensitivity": 0.9}, "data": {"view": "context"}})
+    configs.save_config(other_view, tmp_path / "run_1" / "params.yaml")
+    with pytest.raises(ValueError, match="different inputs.*'context'"):
+        export_classifier.export(tmp_path / "run_0", tmp_path / "exports" / "melanoma_classifier" / "2",
+                                 ensemble_with=[tmp_path / "run_1"])
+    assert not (tmp_path / "exports" / "melanoma_classifier" / "2").exists()

@@ -161,9 +161,11 @@ def load_run_ensemble(model_dirs: list[str | Path]) -> tuple[configs.Classificat
     dirs = [storage.path(d) for d in model_dirs]
     loaded = [load_trained(d) for d in dirs]
     params = loaded[0][0]
-    sizes = {p.data.input_size for p, _ in loaded}
-    if len(sizes) > 1:
-        raise ValueError(f"runs {[str(d) for d in dirs]} take different input sizes {sorted(sizes)}")
+    # The segmenter's export cuts one view for them all: the members must have trained on it.
+    inputs = {(p.data.input_size, p.data.view, p.data.margin) for p, _ in loaded}
+    if len(inputs) > 1:
+        raise ValueError(f"runs {[str(d) for d in dirs]} take different inputs (size, view, margin) "
+                         f"{sorted(inputs)}")
     out_of_fold = [cross_validation.read_predictions(d, "train") for d in dirs]
     ids = sorted(set.intersection(*(set(p) for p in out_of_fold)))
     if not ids:
