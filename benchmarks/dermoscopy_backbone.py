@@ -104,12 +104,10 @@ def near_duplicates(test_ids: list[str], data_dir: Path, ham_dir: Path, threshol
             "highest_correlations": sorted(np.round(best, 4).tolist())[-5:]}
 
 
-def write_head_run(run_dir: Path, source: Path, head, oof: np.ndarray, data: dict, test_features: np.ndarray,
-                   test_images: np.ndarray) -> float:
+def write_head_run(run_dir: Path, source: Path, head, oof: np.ndarray, data: dict, test_scores: np.ndarray) -> float:
     """A run folder serving `head` (StandardScaler + logistic regression on the Xception's pooled
     features) on the source run's view; returns the largest gap between its network's and the
     regression's test probabilities (it refuses to write past 1e-3)."""
-    from melanoma_tf.evaluation import cross_validation as cv
     from melanoma_tf.modeling import factory
 
     source_params = cls_cfg.load_config(source / "params.yaml")
@@ -125,14 +123,10 @@ def write_head_run(run_dir: Path, source: Path, head, oof: np.ndarray, data: dic
     network.get_layer("probabilities").set_weights([np.stack([np.zeros_like(weights), weights], 1).astype(np.float32),
                                                     np.array([0.0, bias], np.float32)])
     check = slice(0, 32)
-    served, fitted = task.predict(network, test_images[check]), head.predict_proba(test_features[check])[:, 1]
-    gap = float(np.abs(served - fitted).max())
+    gap = float(np.abs(task.predict(network, data["test"].images[check]) - test_scores[check]).max())
     if gap > 1e-3:
         raise RuntimeError(f"the folded head differs from the regression by {gap:.4f} on test images")
     train, test = data["train"], data["test"]
-    threshold = metrics.threshold_for_sensitivity(train.labels, oof, params.evaluation.target_sensitivity)
-    chosen = metrics.classification_metrics(train.labels, oof, threshold)
-    test_scores = head.predict_proba(test_features)[:, 1]
     rows = [{"image_id": i, "split": split, "fold": int(f), "label": int(y), "melanoma_probability": float(s),
              "melanoma_probability_last_epoch": float(s)}
             for split, subset, scores in (("train", train, oof), ("test", test, test_scores))
@@ -140,11 +134,9 @@ def write_head_run(run_dir: Path, source: Path, head, oof: np.ndarray, data: dic
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(run_dir / "params.yaml") as tmp:
         cls_cfg.save_config(params, str(tmp))
-    cv.write_predictions(run_dir / "predictions.csv", rows, threshold)
-    atomic.write_json(run_dir / metrics.OPERATING_POINT_FILE, {
-        "threshold": threshold, "target_sensitivity": params.evaluation.target_sensitivity,
-        "chosen_on": f"out-of-fold predictions of the regression on {len(train)} training images' features",
-        "sensitivity": chosen["sensitivity"], "specificity": chosen["specificity"]})
+    # Out-of-fold rows (the train split's, listed first) choose the threshold, as a trained run's do.
+    point = cross_validation.operating_point({"oof": rows[:len(train)]}, params, run_dir)
+    cross_validation.write_predictions(run_dir / "predictions.csv", rows, point["threshold"])
     with atomic.atomic_path(run_dir / "final_model.keras") as tmp:
         network.save(str(tmp))
     return gap
@@ -193,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         scores[f"{name} frozen + regression"] = {"train": oof, **{
             split: head.predict_proba(features[f"{name}/{split}"])[:, 1] for split in ("test", "keratoses")}}
         if name == "sklesion_xception" and args.write_run:
-            gap = write_head_run(args.write_run, args.run, head, oof, data, features[f"{name}/test"],
-                                 data["test"].images)
+            gap = write_head_run(args.write_run, args.run, head, oof, data,
+                                 scores[f"{name} frozen + regression"]["test"])
             print(f"{args.write_run}: the Xception head as a run (network minus regression: {gap:.2e} at most)")
     xception = scores["sklesion_xception frozen + regression"]
     scores["ensemble: mean of fine-tuned run and sklesion_xception"] = {
